@@ -1,0 +1,258 @@
+"""model.py: shapes, adaLN-Zero initialisation, gradient flow, reward tokens, masks, tokenizer, presets."""
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+import model as M
+from model import MIRO, WordTokenizer, count_parameters, get_config
+
+WORDS = "a photo of red blue green circle square triangle two three and left right".split()
+
+
+def make_model(seed=0, nonzero=False, **overrides):
+    """A tiny model built under a forked RNG (no global state touched); `nonzero` fills the zero-initialised
+    tensors (adaLN modulation, cross-attention and final output layers) so every path carries signal."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = MIRO(get_config("tiny", **overrides))
+        if nonzero:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if not p.any():
+                        p.normal_(0.0, 0.2)
+    return model
+
+
+def make_inputs(cfg, B=3, seed=0, features=False, num_rewards=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.rand(B, generator=g)
+    L = cfg.max_text_len
+    lengths = torch.tensor([L, 3, 0][:B] + [2] * max(0, B - 3))  # full, partial and empty captions
+    mask = torch.arange(L)[None] < lengths[:, None]
+    if features:
+        text = torch.randn(B, L, cfg.text_dim, generator=g)
+    else:
+        text = torch.randint(2, cfg.vocab_size, (B, L), generator=g).masked_fill(~mask, 0)
+    R = len(cfg.reward_names) if num_rewards is None else num_rewards
+    rewards = torch.rand(B, R, generator=g)
+    return x, t, text, mask, rewards
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_embedder_shapes():
+    B, D = 3, 32
+    g = torch.Generator().manual_seed(0)
+    assert M.TimestepEmbedder(D)(torch.rand(B, generator=g)).shape == (B, D)
+    assert M.PatchEmbed(16, 4, 3, D)(torch.randn(B, 3, 16, 16, generator=g)).shape == (B, 16, D)
+    assert M.RewardEmbedder(16, D)(torch.rand(B, generator=g)).shape == (B, D)
+    assert M.TextEmbedder(20, 12, 8, D)(torch.randint(0, 20, (B, 5), generator=g)).shape == (B, 5, D)
+    assert M.TextEmbedder(0, 12, 8, D)(torch.randn(B, 5, 12, generator=g)).shape == (B, 5, D)
+    x, ctx = torch.randn(B, 7, D, generator=g), torch.randn(B, 4, D, generator=g)
+    assert M.Attention(D, 2, qk_norm=True)(x).shape == (B, 7, D)
+    assert M.Attention(D, 2)(x, ctx, torch.ones(B, 4, dtype=torch.bool)).shape == (B, 7, D)
+    assert M.MLP(D, swiglu=True)(x).shape == M.MLP(D)(x).shape == (B, 7, D)
+
+
+@pytest.mark.parametrize("variant", ["miro_ids", "miro_features", "baseline_ids", "baseline_features", "plain"])
+def test_model_output_shapes(variant):
+    overrides = {
+        "miro_ids": {}, "miro_features": dict(vocab_size=0), "baseline_ids": dict(reward_names=()),
+        "baseline_features": dict(vocab_size=0, reward_names=()),
+        "plain": dict(swiglu=False, rmsnorm=False, qk_norm=False),  # GELU / LayerNorm / no QK-norm path
+    }[variant]
+    model = make_model(nonzero=True, **overrides)
+    cfg = model.cfg
+    x, t, text, mask, rewards = make_inputs(cfg, features=variant.endswith("features"))
+    cond, cond_mask = model.encode_condition(text, mask, rewards)
+    M_ = cfg.num_registers + len(cfg.reward_names) + cfg.max_text_len
+    assert cond.shape == (3, M_, cfg.width) and cond_mask.shape == (3, M_) and cond_mask.dtype == torch.bool
+    v = model(x, t, text, mask, rewards)
+    assert v.shape == x.shape and torch.isfinite(v).all()  # includes the empty caption (row 2)
+    torch.testing.assert_close(v, model.denoise(x, t, cond, cond_mask))
+    if not cfg.reward_names:  # the baseline also accepts rewards=None
+        torch.testing.assert_close(model(x, t, text, mask, None), v)
+
+
+def test_reward_argument_errors():
+    miro, base = make_model(), make_model(reward_names=())
+    x, t, text, mask, rewards = make_inputs(miro.cfg)
+    with pytest.raises(ValueError, match="needs rewards"):
+        miro(x, t, text, mask, None)
+    with pytest.raises(ValueError, match="shape"):
+        miro(x, t, text, mask, rewards[:, :1])
+    with pytest.raises(ValueError, match="shape"):
+        base(x, t, text, mask, rewards)
+    with pytest.raises(ValueError, match="float text features"):
+        make_model(vocab_size=0)(x, t, text, mask, rewards)
+
+
+# ----------------------------------------------------------------------------- initialisation and gradients
+
+def test_adaln_zero_init_gives_zero_output_and_identity_blocks():
+    model = make_model()
+    x, t, text, mask, rewards = make_inputs(model.cfg)
+    assert torch.equal(model(x, t, text, mask, rewards), torch.zeros_like(x))
+    cond, cond_mask = model.encode_condition(text, mask, rewards)
+    h, c = model.x_embedder(x), model.t_embedder(t)
+    for block in model.blocks:
+        assert torch.equal(block(h, c, cond, cond_mask), h)
+
+
+def test_gradients_reach_every_parameter():
+    model = make_model(nonzero=True)
+    x, t, text, mask, rewards = make_inputs(model.cfg)
+    model(x, t, text, mask, rewards).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip_restores_fourier_buffers():
+    a, b = make_model(seed=0, nonzero=True), make_model(seed=1)
+    assert not torch.equal(a.reward_embedders[0].freqs, b.reward_embedders[0].freqs)
+    b.load_state_dict(a.state_dict())
+    inputs = make_inputs(a.cfg)
+    assert torch.equal(a(*inputs), b(*inputs))
+
+
+# ----------------------------------------------------------------------------- reward tokens
+
+def test_reward_tokens_differ_by_value_and_by_reward():
+    model = make_model()
+    e0, e1 = model.reward_embedders
+    v = torch.tensor([0.0, 1 / 63, 0.5, 1.0])
+    tok0, tok1 = e0(v), e1(v)
+    assert (tok0[1:] - tok0[:-1]).norm(dim=-1).min() > 1e-4  # adjacent bins give different tokens
+    assert (tok0 - tok1).norm(dim=-1).min() > 1e-4  # same value, different reward
+    with torch.no_grad():  # same features and MLP: the tokens then differ exactly by the identity vectors
+        e1.load_state_dict({**e0.state_dict(), "identity": e1.identity + 1.0})
+    torch.testing.assert_close(e1(v) - e0(v), (e1.identity - e0.identity).expand(4, -1))
+
+
+def test_dropped_rewards_give_the_null_token():
+    model = make_model(cond_depth=0)  # no condition transformer: cond = norm(tokens), and norm(0) = 0
+    x, t, text, mask, rewards = make_inputs(model.cfg)
+    drop = torch.tensor([[True, False], [False, True], [True, True]])
+    cond, _ = model.encode_condition(text, mask, rewards, drop)
+    reward_tokens = cond[:, model.cfg.num_registers: model.cfg.num_registers + 2]
+    assert torch.equal(reward_tokens[drop], torch.zeros_like(reward_tokens[drop]))
+    assert (reward_tokens[~drop].abs().sum(-1) > 0).all()
+    # With the full model, a dropped reward's value has no influence on the output.
+    full = make_model(nonzero=True)
+    v = full(x, t, text, mask, rewards, drop)
+    torch.testing.assert_close(full(x, t, text, mask, torch.rand_like(rewards).where(drop, rewards), drop), v)
+    assert not torch.allclose(full(x, t, text, mask, 1 - rewards, drop), v)  # kept values do matter
+
+
+# ----------------------------------------------------------------------------- text and masks
+
+@pytest.mark.parametrize("features", [False, True])
+def test_padded_text_tokens_do_not_change_the_output(features):
+    model = make_model(nonzero=True, **(dict(vocab_size=0) if features else {}))
+    x, t, text, mask, rewards = make_inputs(model.cfg, features=features)
+    v = model(x, t, text, mask, rewards)
+    g = torch.Generator().manual_seed(1)
+    if features:
+        noise, where = torch.randn(text.shape, generator=g), mask[..., None]  # (B, L, text_dim), (B, L, 1)
+    else:
+        noise, where = torch.randint(2, model.cfg.vocab_size, text.shape, generator=g), mask
+    changed_pad = torch.where(where, text, noise)
+    assert not torch.equal(changed_pad, text)
+    torch.testing.assert_close(model(x, t, changed_pad, mask, rewards), v, rtol=1e-5, atol=1e-6)
+    changed_real = torch.where(where, noise, text)  # sanity: the real tokens do matter
+    assert not torch.allclose(model(x, t, changed_real, mask, rewards)[:2], v[:2])
+
+
+def test_word_tokenizer():
+    tok = WordTokenizer(WORDS + ["Red"], max_len=5)  # normalised and deduplicated
+    assert tok.words == WORDS and len(tok) == len(WORDS) + 2
+    ids, mask = tok(["A photo of a RED circle!", "red, zebra", "", "two"])
+    idx = {w: i + 2 for i, w in enumerate(WORDS)}
+    assert ids.shape == mask.shape == (4, 5) and ids.dtype == torch.long and mask.dtype == torch.bool
+    assert ids[0].tolist() == [idx["a"], idx["photo"], idx["of"], idx["a"], idx["red"]]  # truncated to max_len
+    assert ids[1].tolist() == [idx["red"], WordTokenizer.UNK, 0, 0, 0]  # punctuation stripped, unknown word
+    assert ids[2].tolist() == [0] * 5 and not mask[2].any()  # empty caption: all padding
+    assert mask.sum(1).tolist() == [5, 2, 0, 1] and torch.equal(mask, ids != WordTokenizer.PAD)
+    assert torch.equal(tok("two")[0], ids[3:])  # a single string is a batch of one
+
+
+def test_tokenizer_feeds_the_model():
+    tok = WordTokenizer(WORDS, max_len=8)
+    model = make_model(nonzero=True, vocab_size=len(tok))
+    ids, mask = tok(["a photo of two red circles", ""])
+    x, t, _, _, rewards = make_inputs(model.cfg, B=2)
+    assert torch.isfinite(model(x, t, ids, mask, rewards)).all()
+
+
+# ----------------------------------------------------------------------------- config and presets
+
+def test_get_config_and_round_trip():
+    cfg = get_config("cpu", width=64, reward_names=["alignment"])
+    assert cfg.width == 64 and cfg.reward_names == ("alignment",)
+    assert M.PRESETS["cpu"].width != 64  # presets are not mutated
+    assert M.ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="known presets: tiny, cpu, paper"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        get_config("tiny", widht=8)
+    with pytest.raises(ValueError, match="divisible"):
+        get_config("tiny", num_heads=3)
+
+
+def test_paper_preset_parameter_count():
+    with torch.device("meta"):
+        n = count_parameters(MIRO(get_config("paper")))
+    assert 0.30e9 <= n <= 0.42e9
+
+
+def test_cli_prints_parameter_counts(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["model.py", "--preset", "tiny"])
+    M.main()
+    n = count_parameters(make_model())
+    assert f"{n / 1e6:.2f}M parameters" in capsys.readouterr().out
+
+
+def test_bf16_autocast_forward_matches_fp32():
+    model = make_model(nonzero=True)
+    inputs = make_inputs(model.cfg)
+    ref = model(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*inputs)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 5e-2
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip(tmp_path):
+    tok = WordTokenizer(WORDS, max_len=8)
+    model, ema = make_model(seed=0, nonzero=True, vocab_size=len(tok)), make_model(seed=1, vocab_size=len(tok))
+    path = tmp_path / "ckpt.pt"
+    M.save_checkpoint(path, {"config": dataclasses.asdict(model.cfg), "tokenizer": tok.state_dict(),
+                             "model": model.state_dict(), "ema": ema.state_dict(), "step": 3,
+                             "rng": [torch.Generator().manual_seed(0).get_state()]})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the temporary file was renamed
+    ckpt = M.load_checkpoint(path)
+    assert ckpt["step"] == 3
+    for use_ema, ref in ((False, model), (True, ema)):
+        loaded, tok2 = M.model_from_checkpoint(ckpt, ema=use_ema)
+        assert not loaded.training and loaded.cfg == model.cfg
+        ids, mask = tok2(["a photo of two red circles", ""])
+        assert torch.equal(ids, tok(["a photo of two red circles", ""])[0])
+        x, t, _, _, rewards = make_inputs(model.cfg, B=2)
+        assert torch.equal(loaded(x, t, ids, mask, rewards), ref(x, t, ids, mask, rewards))
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        M.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        M.load_checkpoint(tmp_path / "torn.pt")
+    with pytest.raises(ValueError, match="model config"):
+        M.model_from_checkpoint({"config": {"widht": 3}})

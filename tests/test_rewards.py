@@ -1,0 +1,287 @@
+"""Tests of rewards.py: binning, the built-in rewards (pair rankings, detector accuracy), annotation, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import rewards
+from rewards import RewardBins
+
+CFG = data.WorldConfig()
+STRENGTHS = (0.15, 1.0)  # the training set's degradation strengths
+
+
+def to_batch(images_uint8) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images_uint8)).permute(0, 3, 1, 2).float() / 255
+
+
+def clean_scenes(n, seed=1):
+    """(clean images, truth metadata, scenes) of n training-set compositions re-rendered without degradation."""
+    images, truths, scenes = [], [], []
+    for i in range(n):
+        s = data.make_sample(i, CFG)
+        rng = np.random.default_rng([seed, i])
+        images.append(data.render_scene(s["scene"], CFG.image_size, rng))
+        truths.append(s["truth"])
+        scenes.append(s["scene"])
+    return images, truths, scenes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Binning.
+
+def test_quantile_bins_match_hand_computed_edges():
+    scores = np.random.default_rng(0).permutation(100).astype(float)  # 0..99 shuffled
+    bins = RewardBins.fit({"r": scores}, num_bins=4)
+    np.testing.assert_allclose(bins.edges["r"], [0, 24.75, 49.5, 74.25, 99])
+    x = np.array([0, 24, 25, 49.5, 74.25, 99, 150, -5, np.nan])
+    np.testing.assert_array_equal(bins.index("r", x), [0, 0, 1, 2, 3, 3, 3, 0, 0])  # clamped; NaN -> bin 0
+    np.testing.assert_allclose(bins.values({"r": x})[:, 0], np.array([0, 0, 1, 2, 3, 3, 3, 0, 0]) / 3)
+    assert bins.values({"r": x}).dtype == np.float32
+
+
+def test_quantile_bins_use_unique_values():
+    # over the raw values the median would be 0.5; over the unique values {0,1,2,3} it is 1.5
+    bins = RewardBins.fit({"r": np.array([0, 0, 0, 0, 0, 1, 2, 3.0])}, num_bins=2)
+    np.testing.assert_allclose(bins.edges["r"], [0, 1.5, 3])
+    np.testing.assert_allclose(bins.values({"r": np.array([0, 1, 2, 3.0])})[:, 0], [0, 0, 1, 1])
+    # few unique values among many bins: each value lands in its own bin, the ends at 0 and 1
+    bins = RewardBins.fit({"r": np.array([0, 1, 2, 1, 0, 2.0])}, num_bins=64)
+    np.testing.assert_allclose(bins.values({"r": np.array([0, 1, 2.0])})[:, 0], [0, 32 / 63, 1])
+
+
+def test_uniform_bins_and_range_ends():
+    bins = RewardBins.fit({"r": np.array([0, 10, 3, np.nan])}, num_bins=5, method="uniform")
+    np.testing.assert_allclose(bins.edges["r"], [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(bins.values({"r": np.array([3, 10, 11, -1, np.nan])})[:, 0], [0.25, 1, 1, 0, 0])
+    # quantile edges come from a subsample, but the outer edges are the ends of the full range
+    x = np.random.default_rng(1).normal(size=5000)
+    bins = RewardBins.fit({"r": x}, num_bins=8, max_samples=100)
+    assert bins.edges["r"][0] == x.min() and bins.edges["r"][-1] == x.max()
+    with pytest.raises(ValueError, match="binning method"):
+        RewardBins.fit({"r": x}, method="log")
+
+
+def test_bins_equal_population_and_json_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    scores = {"a": rng.normal(size=6400), "b": rng.exponential(size=6400)}
+    bins = RewardBins.fit(scores)  # 64 quantile bins by default
+    values = bins.values(scores)
+    assert values.shape == (6400, 2) and bins.names == ("a", "b")
+    counts = np.bincount(np.rint(values[:, 0] * 63).astype(int), minlength=64)
+    assert counts.min() >= 90 and counts.max() <= 110  # ~100 per bin
+    bins.save(tmp_path / "bins.json")
+    loaded = RewardBins.load(tmp_path / "bins.json")
+    assert loaded.to_dict() == bins.to_dict()
+    np.testing.assert_array_equal(loaded.values(scores), values)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detector and GenEval rules.
+
+def test_detector_on_hand_drawn_shapes():
+    img = Image.new("RGB", (32, 32), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    d.rectangle([2, 3, 11, 12], fill=data.COLORS["red"])                     # square, box [2, 3, 12, 13]
+    d.ellipse([18, 2, 29, 13], fill=data.COLORS["blue"])                      # circle
+    d.polygon([(10, 29), (21, 29), (15.5, 18)], fill=data.COLORS["green"])    # upright triangle
+    d.line([0, 31, 5, 26], fill=data.COLORS["yellow"])                        # clutter: a thin line
+    d.rectangle([29, 29, 30, 30], fill=data.COLORS["purple"])                 # clutter: a speck
+    dets = rewards.detect_shapes(to_batch([np.asarray(img)]))[0]
+    found = {(o["class"], o["color"]) for o in dets}
+    assert found == {("square", "red"), ("circle", "blue"), ("triangle", "green")}
+    square = next(o for o in dets if o["class"] == "square")
+    assert square["box"] == [2, 3, 12, 13] and square["center"] == [7, 8] and square["area"] == 100
+    assert [o["area"] for o in dets] == sorted((o["area"] for o in dets), reverse=True)
+    blank = torch.full((1, 3, 32, 32), 0.9)
+    assert rewards.detect_shapes(blank) == [[]]
+
+
+def test_detector_reads_clean_scenes():
+    images, truths, scenes = clean_scenes(300)
+    dets = rewards.detect_shapes(to_batch(images))
+    strict = [rewards.geneval_correct(m, d) for m, d in zip(truths, dets)]
+    content = [sorted((o["class"], o["color"]) for o in s) == sorted((o["class"], o["color"]) for o in d)
+               for s, d in zip(scenes, dets)]
+    assert np.mean(strict) >= 0.95 and np.mean(content) >= 0.95
+    # boxes: every true object has a detection with IoU > 0.5
+    ious = []
+    for s, d in zip(scenes, dets):
+        for o in s:
+            ious.append(max((box_iou(o["box"], q["box"]) for q in d), default=0))
+    assert np.mean(np.array(ious) > 0.5) >= 0.95
+
+
+def box_iou(a, b):
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_detector_tolerates_slight_blur():
+    """Generated images are a little soft: the detector must still read them."""
+    images, truths, _ = clean_scenes(200, seed=2)
+    rng = np.random.default_rng(0)
+    blurred = [data.degrade(im, "blur", rng.uniform(0.15, 0.4), rng) for im in images]
+    dets = rewards.detect_shapes(to_batch(blurred))
+    assert np.mean([rewards.geneval_correct(m, d) for m, d in zip(truths, dets)]) >= 0.9
+
+
+def det(cls, color, box):
+    return {"class": cls, "color": color, "box": box, "center": [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2],
+            "area": (box[2] - box[0]) * (box[3] - box[1])}
+
+
+def test_check_clauses_follows_geneval_rules():
+    counting = data.caption_to_metadata("a photo of two red circles")
+    two = [det("circle", "red", [0, 0, 8, 8]), det("circle", "red", [20, 0, 28, 8])]
+    assert rewards.check_clauses(counting, two) == [True, True, True]          # count, colour, exclude (< 3)
+    three = two + [det("circle", "red", [0, 20, 8, 28])]
+    assert rewards.check_clauses(counting, three) == [True, True, False]
+    assert rewards.check_clauses(counting, two[:1]) == [False, False, True]    # unreached colour check fails
+    blue = [two[0], det("circle", "blue", [20, 0, 28, 8])]
+    assert rewards.check_clauses(counting, blue) == [True, False, True]
+
+    position = data.caption_to_metadata("a photo of a blue square left of a yellow triangle")
+    tri, sq = det("triangle", "yellow", [20, 10, 28, 18]), det("square", "blue", [2, 10, 10, 18])
+    assert rewards.check_clauses(position, [tri, sq]) == [True, True, True, True, True]
+    moved = det("square", "blue", [20, 0, 28, 8])                           # above, not left of
+    assert rewards.check_clauses(position, [tri, moved]) == [True, True, True, True, False]
+    red = det("triangle", "red", [20, 10, 28, 18])                            # reference fails: no target
+    assert rewards.check_clauses(position, [red, sq]) == [True, False, True, True, False]
+    assert rewards.geneval_correct(position, [tri, sq]) and not rewards.geneval_correct(position, [tri, moved])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in rewards: pair rankings.
+
+def test_reward_interface_and_registry():
+    images, _, _ = clean_scenes(4)
+    x = to_batch(images)
+    captions = ["a photo of a circle"] * 4
+    for name in rewards.BUILTIN_REWARDS:
+        r = rewards.load_reward(name)
+        s = r(x, captions)
+        assert r.name == name and s.shape == (4,) and s.dtype == torch.float32
+        assert ((s >= 0) & (s <= 1)).all() and torch.equal(s, r(x, captions))
+    with pytest.raises(ValueError, match="known rewards: alignment, sharpness"):
+        rewards.load_reward("aesthetic_typo")
+
+
+@pytest.mark.parametrize("reward,kinds", [("sharpness", ["blur"]), ("cleanliness", ["noise", "jpeg", "clutter"]),
+                                          ("contrast", ["low_contrast"])])
+def test_quality_rewards_rank_clean_above_degraded(reward, kinds):
+    images, _, _ = clean_scenes(200, seed=3)
+    r = rewards.load_reward(reward)
+    clean = r(to_batch(images), [""] * len(images))
+    for kind in kinds:
+        rng = np.random.default_rng([4, len(kind)])
+        degraded = [data.degrade(im, kind, rng.uniform(*STRENGTHS), rng) for im in images]
+        win = (clean > r(to_batch(degraded), [""] * len(images))).float().mean().item()
+        assert win >= 0.95, f"{reward} ranks clean above {kind} in only {win:.1%} of pairs"
+
+
+def alignment_pairs(images, truths, seed=5):
+    rng = np.random.default_rng(seed)
+    wrong = [data.corrupt_metadata(m, rng)[0]["prompt"] for m in truths]
+    r = rewards.load_reward("alignment")
+    x = to_batch(images)
+    return r(x, [m["prompt"] for m in truths]), r(x, wrong)
+
+
+def test_alignment_ranks_correct_caption_above_wrong_one():
+    images, truths, _ = clean_scenes(300, seed=6)
+    good, bad = alignment_pairs(images, truths)
+    assert (good > bad).float().mean() >= 0.95
+    assert (good == 1).float().mean() >= 0.95
+    generic = rewards.load_reward("alignment")(to_batch(images[:2]), ["a picture", "not a world caption"])
+    assert generic.tolist() == [0, 0]
+
+
+def test_alignment_on_the_training_distribution():
+    """Training images (half of them degraded, some heavily) with their true caption vs a one-detail corruption."""
+    samples = [data.make_sample(i, CFG) for i in range(300)]
+    good, bad = alignment_pairs([s["image"] for s in samples], [s["truth"] for s in samples])
+    assert (good > bad).float().mean() >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Annotation.
+
+class FakeSamples:
+    def __init__(self, n):
+        rng = np.random.default_rng(0)
+        self.keys = [f"k{i}" for i in range(n)]
+        self.captions = [f"caption {i}" for i in range(n)]
+        self.images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def images_01(self, idx):
+        return torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 255
+
+
+class CountingReward:
+    """Mean brightness; counts the images it scores. Returns NaN for caption 3 (a failed score)."""
+
+    def __init__(self, name, offset=0.0):
+        self.name, self.offset, self.calls = name, offset, 0
+
+    def __call__(self, images, captions):
+        self.calls += len(captions)
+        s = images.mean((1, 2, 3)) + self.offset
+        return torch.where(torch.tensor([c == "caption 3" for c in captions]), torch.nan, s)
+
+
+def test_annotate_resumes_after_torn_line_and_adds_rewards(tmp_path):
+    samples = FakeSamples(10)
+    a = CountingReward("a")
+    first = rewards.annotate(samples, [a], tmp_path, batch_size=4, progress=False)
+    assert a.calls == 10 and len(first) == 10 and np.isnan(first["k3"]["a"])
+    path = tmp_path / "annotations.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:6]) + lines[6][:15])  # crash while writing the 7th row
+
+    assert set(rewards.load_annotations(path)) == {f"k{i}" for i in range(6)}  # the torn line is ignored
+    a2 = CountingReward("a")
+    again = rewards.annotate(samples, [a2], tmp_path, batch_size=4, progress=False)
+    assert a2.calls == 4  # only k6..k9
+    assert {k: v["a"] for k, v in again.items() if k != "k3"} == {k: v["a"] for k, v in first.items() if k != "k3"}
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # every line parses
+
+    a3, b = CountingReward("a"), CountingReward("b", offset=1.0)
+    both = rewards.annotate(samples, [a3, b], tmp_path, batch_size=4, progress=False)
+    assert a3.calls == 0 and b.calls == 10
+    assert both["k0"]["b"] == pytest.approx(both["k0"]["a"] + 1.0)
+    bins = RewardBins.load(tmp_path / "bins.json")
+    assert bins.names == ("a", "b") and bins.num_bins == 64
+    values = bins.values({n: [both[k][n] for k in samples.keys] for n in bins.names})
+    assert values[3].tolist() == [0, 0] and values.max() == 1  # NaN -> 0
+    loaded = rewards.load_annotations(path)  # rows of a key merge: every key has both rewards
+    assert loaded.keys() == both.keys() and all(loaded[k].keys() == {"a", "b"} for k in loaded)
+
+
+def test_annotate_built_in_world_and_cli(tmp_path, capsys):
+    cfg = data.WorldConfig(num_train=64)
+    data.build_shapes_dataset(cfg, tmp_path)
+    rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,contrast", "--num-bins", "8",
+                  "--binning", "uniform"])
+    assert "wrote" in capsys.readouterr().out
+    bins = RewardBins.load(tmp_path / "bins.json")
+    assert bins.names == ("alignment", "contrast") and bins.method == "uniform" and bins.num_bins == 8
+    ann = rewards.load_annotations(tmp_path / "annotations.jsonl")
+    assert len(ann) == 64 and all(0 <= v["alignment"] <= 1 for v in ann.values())
+
+    with pytest.raises(SystemExit):
+        rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,nope"])
+    err = capsys.readouterr().err
+    assert "unknown reward(s) nope; known rewards: alignment, sharpness, cleanliness, contrast" in err
+    with pytest.raises(SystemExit):
+        rewards.main(["annotate", "--data-dir", str(tmp_path / "missing")])
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Training: the flow objective, the schedule, the EMA, and a tiny run that resumes identically."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flow_matching_interpolant_and_target():
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    seen = {}
+
+    def model(x_t, t_in, **condition):
+        seen["x_t"], seen["t"], seen["condition"] = x_t, t_in, condition
+        return torch.zeros_like(x_t)
+
+    loss = train.flow_matching_loss(model, x0, t, noise, text="caption")
+    expected_x_t = torch.stack([x0[0], 0.75 * x0[1] + 0.25 * noise[1], 0.5 * (x0[2] + noise[2]), noise[3]])
+    assert torch.allclose(seen["x_t"], expected_x_t)  # t = 0 is data, t = 1 is noise
+    assert seen["t"] is t and seen["condition"] == {"text": "caption"}
+    assert torch.allclose(loss, ((noise - x0) ** 2).mean())  # zero prediction: the loss is |eps - x0|^2
+    exact = train.flow_matching_loss(lambda x_t, t_in: noise - x0, x0, t, noise)
+    assert exact.item() == 0.0  # predicting v = eps - x0 exactly gives zero loss
+
+
+def test_timestep_distributions():
+    g = torch.Generator().manual_seed(0)
+    t = train.sample_timesteps(100_000, "logit_normal", g)
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.5) < 0.01 and abs(t.std().item() - 0.21) < 0.01  # sigmoid(N(0,1))
+    u = train.sample_timesteps(100_000, "uniform", g)
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.01
+    with pytest.raises(ValueError):
+        train.sample_timesteps(4, "cosine", g)
+
+
+def test_lr_schedule():
+    assert train.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert train.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert train.lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert train.lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert train.lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_ema_update_by_hand():
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(2.0), ema.weight.fill_(0.0), ema.bias.fill_(0.0)
+    train.update_ema(ema, model, decay=0.9)
+    assert torch.allclose(ema.weight, torch.full((1, 2), 0.1)) and torch.allclose(ema.bias, torch.tensor([0.2]))
+
+
+def tiny_args(runs, *extra):
+    return ["--preset", "tiny", "--runs-dir", str(runs), "--data-dir", str(runs.parent / "data"),
+            "--num-train", "128", "--steps", "8", "--ckpt-every", "4", "--keep-every", "4", *extra]
+
+
+def test_resume_continues_identically(tmp_path):
+    """8 steps straight == 4 steps, a restart from the step-4 checkpoint, 4 more steps."""
+    straight = tmp_path / "a"
+    train.main(tiny_args(straight))
+    final = load_checkpoint(straight / "miro" / "ckpt.pt")
+    assert final["step"] == 8
+
+    resumed = tmp_path / "b" / "miro"
+    resumed.mkdir(parents=True)
+    shutil.copy(straight / "miro" / "ckpt_0000004.pt", resumed / "ckpt.pt")
+    train.main(tiny_args(tmp_path / "b", "--resume", str(resumed)))
+    again = load_checkpoint(resumed / "ckpt.pt")
+    assert again["step"] == 8
+    for key in ("model", "ema"):
+        for name, value in final[key].items():
+            assert torch.equal(value, again[key][name]), f"{key}.{name} differs after resume"
+    mid = load_checkpoint(straight / "miro" / "ckpt_0000004.pt")
+    assert any(not torch.equal(v, final["model"][k]) for k, v in mid["model"].items())  # training moved them
+
+
+def test_baseline_has_no_reward_tokens(tmp_path):
+    train.main(tiny_args(tmp_path / "runs", "--no-rewards", "--steps", "2", "--keep-every", "0"))
+    ckpt = load_checkpoint(tmp_path / "runs" / "baseline" / "ckpt.pt")
+    assert tuple(ckpt["config"]["reward_names"]) == () and ckpt["bins"] is None
+    assert ckpt["train"]["text_dropout"] > 0  # the baseline needs empty captions for text CFG
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--rewards", "alignment,beauty"], "unknown reward(s) beauty"),
+    (["--batch-size", "7", "--grad-accum", "2"], "must be divisible"),
+    (["--time-sampling", "cosine"], "logit_normal or uniform"),
+])
+def test_cli_errors_are_one_line(flags, message):
+    result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
