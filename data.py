@@ -55,7 +55,6 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}  # count 1 is the article "a"/"an"
 GENERIC_CAPTIONS = ("a photo", "a picture", "an image", "a photo of some shapes", "an image of some shapes",
                     "a picture of shapes", "a photo of something", "a simple drawing")
 PREFIX = "a photo of "
-DEFAULT_DATA_DIR = "data/shapes"
 DATA_VERSION = 1  # bump when generation changes, so cached datasets get rebuilt
 
 
@@ -161,6 +160,10 @@ class WorldConfig:
     colored_prob: float = 0.5           # share of counting / position captions that name colours
     heldout_fraction: float = 0.15      # share of each task's compositions held out (at least 1, at most n-1)
     heldout_prompts_per_task: int = 8   # held-out prompts listed per task by heldout_prompts
+
+    def default_dir(self) -> Path:
+        """Where train.py and `rewards.py annotate` build and annotate this world unless told otherwise."""
+        return Path("runs") / "_data" / f"shapes{self.image_size}_n{self.num_train}_seed{self.seed}"
 
 
 def _enumerate_compositions(tag: str) -> list[dict]:
@@ -469,12 +472,13 @@ def _atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def build_shapes_dataset(cfg: WorldConfig, out_dir=DEFAULT_DATA_DIR) -> Path:
+def build_shapes_dataset(cfg: WorldConfig, out_dir=None) -> Path:
     """Write out_dir/images.npy (N,H,W,3 uint8), samples.jsonl (one record per sample, no image) and world.json.
 
     world.json is written last and marks a complete dataset: nothing is done if it already matches cfg.
+    out_dir defaults to cfg.default_dir().
     """
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else cfg.default_dir()
     world = {"version": DATA_VERSION, **asdict(cfg)}
     if (out / "world.json").exists() and json.loads((out / "world.json").read_text()) == world \
             and (out / "images.npy").exists() and (out / "samples.jsonl").exists():
@@ -497,8 +501,8 @@ class ImageTextSamples:
     """A built dataset folder: .keys, .captions, .records (list of dicts), .images uint8 (N,H,W,3), .world
     (the WorldConfig, or None for data not made by this module)."""
 
-    def __init__(self, path=DEFAULT_DATA_DIR):
-        path = Path(path)
+    def __init__(self, path=None):
+        path = Path(path) if path is not None else WorldConfig().default_dir()
         with open(path / "samples.jsonl") as f:
             self.records = [json.loads(line) for line in f]
         self.images = np.load(path / "images.npy", mmap_mode="r")
@@ -603,9 +607,9 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("build", "generate the training set"), ("preview", "write a captioned grid of samples")):
         p = sub.add_parser(name, help=help_)
-        default_out = DEFAULT_DATA_DIR if name == "build" else "preview.png"
+        default_out = None if name == "build" else "preview.png"
         p.add_argument("--out", default=default_out, help=f"output {'folder' if name == 'build' else 'PNG'} "
-                                                          f"(default {default_out})")
+                                                          f"(default {default_out or 'runs/_data/shapes<size>_n<N>_seed<S>'})")
         p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
         p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     sub.choices["build"].add_argument("--num-train", type=int, default=WorldConfig.num_train,

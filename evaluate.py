@@ -10,6 +10,7 @@ Two different judgements, kept apart on purpose:
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,6 +29,16 @@ def geneval_scores(detections, metadatas):
     scores = {task: sum(v) / len(v) for task, v in per_task.items()}
     scores["overall"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def heldout_images(metadatas, n_per_prompt, min_per_task):
+    """One metadata entry per image to sample: n_per_prompt per prompt, more for tasks with few prompts."""
+    images = []
+    for task in dict.fromkeys(m["tag"] for m in metadatas):
+        prompts = [m for m in metadatas if m["tag"] == task]
+        repeats = max(n_per_prompt, math.ceil(min_per_task / len(prompts)))
+        images += [m for m in prompts for _ in range(repeats)]
+    return images
 
 
 @torch.no_grad()
@@ -59,6 +70,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: the latest runs/*/ckpt.pt)")
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per held-out prompt (GenEval: 4)")
+    p.add_argument("--min-per-task", type=int, default=16,
+                   help="repeat the prompts of small tasks (the built-in single/two-object tasks hold out one "
+                        "composition each) until every task has at least this many images")
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps")
     p.add_argument("--rewards", default="", help="positive targets 'name=value,...' for an extra setting")
@@ -84,7 +98,7 @@ def main(argv=None):
     cfg = args.cfg if args.cfg is not None else ckpt["sampling"]["cfg"]
 
     world = data.WorldConfig(**ckpt["world"])
-    prompts = [m for m in data.heldout_prompts(world) for _ in range(args.n_per_prompt)]
+    prompts = heldout_images(data.heldout_prompts(world), args.n_per_prompt, args.min_per_task)
     reward_models = {name: rewards.load_reward(name, device=args.device) for name in rewards.BUILTIN_REWARDS}
     ones, zeros = torch.ones(len(names)), torch.zeros(len(names))
     if names:
@@ -104,8 +118,9 @@ def main(argv=None):
         w = 0.0 if (pos == neg).all() and names else cfg
         images, rows[label] = evaluate_setting(model, tokenizer, prompts, pos, neg, w, args.steps, args.seed,
                                                args.device, reward_models)
-        save_grid(images[:: args.n_per_prompt][:48], ckpt_path.parent / f"eval_{len(rows)}.png", ncols=8)
-    print(f"{ckpt_path} (step {ckpt['step']}), {len(prompts)} images ({args.n_per_prompt} per held-out prompt)")
+        save_grid(images[:64], ckpt_path.parent / f"eval_{len(rows)}.png", ncols=8)
+    print(f"{ckpt_path} (step {ckpt['step']}), {len(prompts)} images of {len(set(m['prompt'] for m in prompts))} "
+          f"held-out prompts")
     print(format_table(rows, rewards.BUILTIN_REWARDS, data.TASKS))
     out = Path(args.out) if args.out else ckpt_path.parent / "eval.json"
     out.write_text(json.dumps({"checkpoint": str(ckpt_path), "step": ckpt["step"], "settings": rows}, indent=2))

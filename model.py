@@ -85,16 +85,26 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, D)
 
 
+def sincos_pos_embed(grid, dim):
+    """Fixed 2D sine-cosine position embedding (as DiT): (grid * grid, dim), half the channels per axis."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    out = [f(pos.flatten()[:, None] * omega[None]) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1).float()  # (grid^2, dim)
+
+
 class PatchEmbed(nn.Module):
-    """Splits an image into p x p patches, projects each to a token and adds a learned position embedding."""
+    """Splits an image into p x p patches, projects each to a token and adds a fixed 2D sin-cos position embedding."""
 
     def __init__(self, image_size, patch_size, in_channels, dim):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2, dim))
+        self.register_buffer("pos", sincos_pos_embed(image_size // patch_size, dim)[None])  # saved, as DiT
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, C, H, W) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)  # (B, C, H, W) -> (B, N, D)
 
 
 class RewardEmbedder(nn.Module):
@@ -298,8 +308,7 @@ class MIRO(nn.Module):
         w = self.x_embedder.proj.weight  # the patch projection is a linear map of the flattened patch
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        for p in (self.x_embedder.pos, self.registers):
-            nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.registers, std=0.02)
         if self.text_embedder.vocab_size > 0:
             nn.init.normal_(self.text_embedder.words.weight, std=0.02)
             nn.init.normal_(self.text_embedder.pos, std=0.02)

@@ -19,6 +19,7 @@ import argparse
 import colorsys
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -124,8 +125,8 @@ class DetectorConfig:
     min_area: float = 0.012           # components below this share of the image are specks: dropped,
     min_side: float = 0.08            #   as are components narrower than this share of the image side
     min_thickness: float = 1.6        #   and thin strokes (area / longest box side, in pixels)
-    triangle_skew: float = -0.25      # vertical skewness: upright triangle -0.57, disc and square 0
-    square_cokurtosis: float = 0.82   # E[x^2 y^2] / (E[x^2] E[y^2]): square 1 (x, y independent), disc 2/3
+    triangle_skew: float = -0.15      # vertical skewness: upright triangle -0.57, disc and square 0
+    square_cokurtosis: float = 0.8    # E[x^2 y^2] / (E[x^2] E[y^2]): square 1 (x, y independent), disc 2/3
 
 
 PALETTE_HUES = torch.tensor([colorsys.rgb_to_hsv(*(np.array(rgb) / 255.0))[0] for rgb in data.COLORS.values()])
@@ -437,8 +438,21 @@ def load_annotations(path) -> dict[str, dict[str, float]]:
     return merged
 
 
+@contextmanager
+def _torch_threads(n: int | None):
+    """Temporarily run torch ops with n intra-op threads (None: leave the setting alone)."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def annotate(samples, reward_names: Sequence, out_dir, batch_size: int = 256, device="cpu", num_bins: int = 64,
-             binning: str = "quantile", progress: bool = True) -> dict[str, dict[str, float]]:
+             binning: str = "quantile", progress: bool = True, cpu_threads: int | None = 1
+             ) -> dict[str, dict[str, float]]:
     """Score every sample with every reward and fit the bins; returns {key: {name: score}} for samples' keys.
 
     samples: anything with .keys, .captions, __len__ and images_01(indices) -> (B,3,H,W) in [0,1]
@@ -446,6 +460,8 @@ def annotate(samples, reward_names: Sequence, out_dir, batch_size: int = 256, de
     to out_dir/annotations.jsonl ({"key": ..., name: score}), flushed and fsynced per batch, so an interrupted run
     resumes where it stopped: a (key, reward) pair already on disk is never scored again (adding a reward scores
     only that reward). Then writes out_dir/bins.json (atomically) for every reward in the file, in first-seen order.
+    cpu_threads: torch threads while scoring on the CPU. The built-in rewards are many small ops: with 2 threads and
+    another process busy on a 2-core machine they ran 6x slower than with 1 (136 s vs 22 s for 20k images).
     """
     rewards = [load_reward(r, device) if isinstance(r, str) else r for r in reward_names]
     out_dir = Path(out_dir)
@@ -459,7 +475,9 @@ def annotate(samples, reward_names: Sequence, out_dir, batch_size: int = 256, de
     keys = list(samples.keys)
     todo = [i for i, k in enumerate(keys) if any(r.name not in done.get(k, {}) for r in rewards)]
 
-    with open(path, "a") as f, tqdm(total=len(todo), unit="img", desc="annotate", disable=not progress) as bar:
+    threads = cpu_threads if torch.device(device).type == "cpu" else None
+    with open(path, "a") as f, tqdm(total=len(todo), unit="img", desc="annotate", disable=not progress) as bar, \
+            _torch_threads(threads):
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
             images = samples.images_01(idx)
@@ -496,7 +514,7 @@ def parse_args(argv=None):
     a = sub.add_parser("annotate", help="score every sample once (resumable), then write bins.json beside it")
     a.add_argument("--data-dir", default=None,
                    help=f"dataset folder (data.ImageTextSamples layout); annotations.jsonl and bins.json are written "
-                        f"there (default: {data.DEFAULT_DATA_DIR}, the built-in world, built if missing)")
+                        f"there (default: {data.WorldConfig().default_dir()}, the built-in world, built if missing)")
     a.add_argument("--rewards", default=",".join(BUILTIN_REWARDS),
                    help=f"comma-separated reward names (default: {','.join(BUILTIN_REWARDS)})")
     a.add_argument("--num-bins", type=int, default=64, help="bins B per reward; bin k becomes k/(B-1)")
@@ -513,13 +531,19 @@ def parse_args(argv=None):
         p.error("--num-bins must be >= 2")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but CUDA is not available here")
     args.rewards = names
     return p, args
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    data_dir = Path(args.data_dir or data.DEFAULT_DATA_DIR)
+    data_dir = Path(args.data_dir or data.WorldConfig().default_dir())
     if args.data_dir is None:
         data.build_shapes_dataset(data.WorldConfig(), data_dir)  # no-op when already built
     elif not data_dir.is_dir():

@@ -95,6 +95,12 @@ def update_ema(ema, model, decay):
         b_ema.copy_(b)
 
 
+def ema_decay(decay, step):
+    """The EMA decay after `step` updates, warmed up as (1 + step) / (10 + step) so that short runs are not
+    dominated by the initial (all-zero-output) weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def lr_factor(step, warmup, total):
     """Linear warm-up to 1, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -174,7 +180,7 @@ class Logger:
 def prepare_builtin_data(args, image_size, rank):
     """Build and annotate the built-in world once (rank 0; the others wait), then open it on every rank."""
     world = data.WorldConfig(image_size=image_size, num_train=args.num_train, seed=args.data_seed)
-    data_dir = Path(args.data_dir or Path(args.runs_dir) / "_data" / f"shapes{image_size}_n{args.num_train}_seed{args.data_seed}")
+    data_dir = Path(args.data_dir) if args.data_dir else world.default_dir()
     if rank == 0:
         data.build_shapes_dataset(world, data_dir)
         rewards.annotate(data.ImageTextSamples(data_dir), rewards.BUILTIN_REWARDS, data_dir,
@@ -352,8 +358,8 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        update_ema(ema, model, tc.ema_decay)
         step += 1
+        update_ema(ema, model, ema_decay(tc.ema_decay, step))
 
         if step % tc.log_every == 0 or step == tc.steps:
             now = time.time()

@@ -129,7 +129,7 @@ def test_detector_tolerates_slight_blur():
     rng = np.random.default_rng(0)
     blurred = [data.degrade(im, "blur", rng.uniform(0.15, 0.4), rng) for im in images]
     dets = rewards.detect_shapes(to_batch(blurred))
-    assert np.mean([rewards.geneval_correct(m, d) for m, d in zip(truths, dets)]) >= 0.9
+    assert np.mean([rewards.geneval_correct(m, d) for m, d in zip(truths, dets)]) >= 0.95
 
 
 def det(cls, color, box):
@@ -281,7 +281,8 @@ def test_annotate_built_in_world_and_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,nope"])
     err = capsys.readouterr().err
-    assert "unknown reward(s) nope; known rewards: alignment, sharpness, cleanliness, contrast" in err
+    assert f"error: unknown reward(s) nope; known rewards: {', '.join(rewards.REWARDS)}" in err
+    assert "Traceback" not in err
     with pytest.raises(SystemExit):
         rewards.main(["annotate", "--data-dir", str(tmp_path / "missing")])
     assert "does not exist" in capsys.readouterr().err
