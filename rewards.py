@@ -1,7 +1,7 @@
 """Reward models, reward binning and the one-off annotation pass.
 
     python rewards.py annotate                                  # score the built-in training set, write bins.json
-    python rewards.py annotate --data-dir data/shapes --rewards alignment,sharpness --binning uniform
+    python rewards.py annotate --data-dir runs/_data/shapes32_n20000_seed0 --rewards alignment --binning uniform
 
 Conventions (shared by the whole repo):
 - A reward is any object with `.name: str` and `__call__(images, captions) -> scores`: images are float32

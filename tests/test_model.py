@@ -192,9 +192,9 @@ def test_tokenizer_feeds_the_model():
 # ----------------------------------------------------------------------------- config and presets
 
 def test_get_config_and_round_trip():
-    cfg = get_config("cpu", width=64, reward_names=["alignment"])
-    assert cfg.width == 64 and cfg.reward_names == ("alignment",)
-    assert M.PRESETS["cpu"].width != 64  # presets are not mutated
+    cfg = get_config("cpu", width=96, reward_names=["alignment"])
+    assert cfg.width == 96 and cfg.reward_names == ("alignment",)
+    assert M.PRESETS["cpu"].width != 96  # presets are not mutated
     assert M.ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     with pytest.raises(ValueError, match="known presets: tiny, cpu, paper"):
         get_config("huge")

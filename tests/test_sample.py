@@ -59,3 +59,77 @@ def test_reward_targets():
             parse_reward_targets(spec, names, 1.0)
     with pytest.raises(ValueError, match="without rewards"):
         parse_reward_targets("alignment=1", [], 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# With a real (tiny) checkpoint.
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from model import load_checkpoint, model_from_checkpoint  # noqa: E402
+from sample import best_of_n, generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sample(*flags):
+    return subprocess.run([sys.executable, "sample.py", *flags], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_same_seed_same_images_and_one_forward_per_step(tiny_runs):
+    model, tokenizer = model_from_checkpoint(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"))
+    with torch.no_grad():  # make the zero-initialised output layer non-trivial so images depend on everything
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    calls = []
+    model.denoise = (lambda f: lambda x, *a: calls.append(x.shape[0]) or f(x, *a))(model.denoise)
+    prompts = ["a photo of a red circle", "a photo of two blue squares"]
+    R = len(model.cfg.reward_names)
+    pos, neg = torch.ones(2, R), torch.zeros(2, R)
+    a = generate(model, tokenizer, prompts, pos, neg, cfg=2.0, steps=5, seed=3)
+    assert calls == [4] * 5  # both branches of both prompts in one batched forward per Euler step
+    b = generate(model, tokenizer, prompts, pos, neg, cfg=2.0, steps=5, seed=3)
+    c = generate(model, tokenizer, prompts, pos, neg, cfg=2.0, steps=5, seed=4)
+    d = generate(model, tokenizer, prompts, pos, pos, cfg=2.0, steps=5, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, d)  # the negative reward targets change the guided images
+
+
+def test_best_of_n_keeps_the_highest_reward():
+    candidates = torch.linspace(-1, 1, 6).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2)
+
+    def brightness(images, captions):
+        return images.mean(dim=(1, 2, 3))
+
+    best, scores = best_of_n(candidates, ["a", "b"], brightness)
+    assert torch.equal(best, candidates[:, 2]) and torch.allclose(scores, (candidates[:, 2, 0, 0, 0] + 1) / 2)
+
+
+def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_sample("--ckpt", str(tiny_runs / "miro"), "--prompt", "a photo of two red circles", "--n", "2",
+                        "--steps", "3", "--rewards", "alignment=1", "--best-of", "2", "--select-by", "alignment",
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["0000.png", "0001.png"]
+
+
+@pytest.mark.parametrize("run, flags, message", [
+    ("miro", ["--rewards", "beauty=1"], "unknown reward 'beauty'; this checkpoint supports: alignment, sharpness, cleanliness"),
+    ("miro", ["--rewards", "alignment=2"], "outside [0, 1]"),
+    ("miro", ["--neg-rewards", "sharpness=-0.5"], "outside [0, 1]"),
+    ("miro", ["--cfg", "-1"], "--cfg must be >= 0"),
+    ("miro", ["--steps", "0"], "--steps must be > 0"),
+    ("miro", ["--best-of", "2"], "--best-of needs --select-by"),
+    ("miro", ["--best-of", "2", "--select-by", "beauty"], "unknown reward 'beauty'"),
+    ("baseline", ["--rewards", "alignment=1"], "trained without rewards"),
+    ("missing", [], "no checkpoint at"),
+])
+def test_cli_errors_are_one_line(tiny_runs, tmp_path, run, flags, message):
+    result = run_sample("--ckpt", str(tiny_runs / run), "--prompt", "a photo of a circle", "--steps", "2",
+                        "--out", str(tmp_path / "x.png"), *flags)
+    assert result.returncode == 2, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]  # argparse: the usage, then one error line
+    assert last_line.startswith("sample.py: error: ") and message in last_line, result.stderr
+    assert "Traceback" not in result.stderr

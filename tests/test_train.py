@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from conftest import tiny_train_args
 from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,34 +59,34 @@ def test_ema_update_by_hand():
     assert torch.allclose(ema.weight, torch.full((1, 2), 0.1)) and torch.allclose(ema.bias, torch.tensor([0.2]))
 
 
-def tiny_args(runs, *extra):
-    return ["--preset", "tiny", "--runs-dir", str(runs), "--data-dir", str(runs.parent / "data"),
-            "--num-train", "128", "--steps", "8", "--ckpt-every", "4", "--keep-every", "4", *extra]
+def test_ema_decay_warm_up():
+    assert train.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert train.ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert train.ema_decay(0.999, 100_000) == 0.999
 
 
-def test_resume_continues_identically(tmp_path):
+def test_resume_continues_identically(tiny_runs, tmp_path):
     """8 steps straight == 4 steps, a restart from the step-4 checkpoint, 4 more steps."""
-    straight = tmp_path / "a"
-    train.main(tiny_args(straight))
-    final = load_checkpoint(straight / "miro" / "ckpt.pt")
+    straight = tiny_runs / "miro"
+    final = load_checkpoint(straight / "ckpt.pt")
     assert final["step"] == 8
 
-    resumed = tmp_path / "b" / "miro"
+    resumed = tmp_path / "runs" / "miro"
     resumed.mkdir(parents=True)
-    shutil.copy(straight / "miro" / "ckpt_0000004.pt", resumed / "ckpt.pt")
-    train.main(tiny_args(tmp_path / "b", "--resume", str(resumed)))
+    shutil.copy(straight / "ckpt_0000004.pt", resumed / "ckpt.pt")
+    train.main(tiny_train_args(tmp_path / "runs", "--data-dir", str(tiny_runs.parent / "data"),
+                               "--resume", str(resumed)))
     again = load_checkpoint(resumed / "ckpt.pt")
     assert again["step"] == 8
     for key in ("model", "ema"):
         for name, value in final[key].items():
             assert torch.equal(value, again[key][name]), f"{key}.{name} differs after resume"
-    mid = load_checkpoint(straight / "miro" / "ckpt_0000004.pt")
+    mid = load_checkpoint(straight / "ckpt_0000004.pt")
     assert any(not torch.equal(v, final["model"][k]) for k, v in mid["model"].items())  # training moved them
 
 
-def test_baseline_has_no_reward_tokens(tmp_path):
-    train.main(tiny_args(tmp_path / "runs", "--no-rewards", "--steps", "2", "--keep-every", "0"))
-    ckpt = load_checkpoint(tmp_path / "runs" / "baseline" / "ckpt.pt")
+def test_baseline_has_no_reward_tokens(tiny_runs):
+    ckpt = load_checkpoint(tiny_runs / "baseline" / "ckpt.pt")
     assert tuple(ckpt["config"]["reward_names"]) == () and ckpt["bins"] is None
     assert ckpt["train"]["text_dropout"] > 0  # the baseline needs empty captions for text CFG
 
