@@ -284,7 +284,8 @@ def main(argv=None):
             "data_dir": str(data_dir), "world_size": world_size, "args": {k: v for k, v in vars(args).items()}}
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-    preview_prompts = [m["prompt"] for m in data.heldout_prompts(world)][:: max(1, len(data.heldout_prompts(world)) // 8)][:8]
+    heldout = [m["prompt"] for m in data.heldout_prompts(world)]
+    preview_prompts = heldout[:: max(1, len(heldout) // 8)][:8]  # 8 held-out prompts spread over the tasks
 
     def checkpoint(step):
         """Everything needed to resume exactly, and to sample: written by rank 0 after gathering RNG states."""
