@@ -16,6 +16,7 @@ A run folder holds config.json (every setting), log.txt, samples/step_*.png and 
 scheduler, step, RNG state, bin edges, tokenizer), written atomically by rank 0 alone.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -133,7 +134,7 @@ def parse_args(argv=None):
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        p.add_argument(flag, type=field.type if field.type != "str" else str, default=None,
+        p.add_argument(flag, type=field.type, default=None,
                        help=f"override the preset's {field.name} (cpu preset: {getattr(TRAIN_PRESETS['cpu'], field.name)})")
     args = p.parse_args(argv)
     train_cfg = dataclasses.replace(TRAIN_PRESETS[args.preset],
@@ -175,6 +176,15 @@ class Logger:
             print(message, flush=True)
             self.file.write(message + "\n")
             self.file.flush()
+
+
+def endless_batches(dataset, sampler, micro_steps_done):
+    """This rank's batches from the data position that `micro_steps_done` micro-batches reach, epoch after epoch
+    (each pass over the sampler continues with the next epoch), so a resumed run sees the same data."""
+    sampler.set_position(*divmod(micro_steps_done, len(sampler)))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate)
+    while True:
+        yield from loader
 
 
 def prepare_builtin_data(args, image_size, rank):
@@ -255,11 +265,12 @@ def main(argv=None):
     reward_values, bins = None, None
     if model_cfg.reward_names:
         annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
-        scores = {name: [annotations[key].get(name, float("nan")) for key in samples.keys]
-                  for name in model_cfg.reward_names}
-        bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning, seed=args.data_seed)
-        if resume_ckpt is not None:
+        scores = {name: [annotations.get(key, {}).get(name, float("nan")) for key in samples.keys]
+                  for name in model_cfg.reward_names}  # a missing score is NaN, which the binner maps to 0
+        if resume_ckpt is not None:  # the run keeps its bin edges, so sampling targets keep their meaning
             bins = rewards.RewardBins.from_dict(resume_ckpt["bins"])
+        else:
+            bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning, seed=args.data_seed)
         reward_values = bins.values(scores)
     dataset = data.MiroDataset(samples, reward_values)
     sampler = data.ShardedSampler(len(dataset), micro_batch, rank=rank, world_size=world_size, seed=args.seed)
@@ -281,7 +292,7 @@ def main(argv=None):
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
 
     meta = {"train": dataclasses.asdict(tc), "model": dataclasses.asdict(model_cfg), "world": dataclasses.asdict(world),
-            "data_dir": str(data_dir), "world_size": world_size, "args": {k: v for k, v in vars(args).items()}}
+            "data_dir": str(data_dir), "world_size": world_size, "args": vars(args)}
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     heldout = [m["prompt"] for m in data.heldout_prompts(world)]
@@ -319,19 +330,11 @@ def main(argv=None):
         f"{micro_batch}, {len(dataset)} samples ({steps_per_epoch} steps/epoch), device {device}, bf16 {use_bf16}")
     train_start, last_log, loss_sum, loss_count = time.time(), time.time(), 0.0, 0
     step = start_step
-    epoch, offset = divmod(step * tc.grad_accum, len(sampler))  # the data position follows from the step alone
-    sampler.set_position(epoch, offset)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate))
+    batches = endless_batches(dataset, sampler, step * tc.grad_accum)
     model.train()
     while step < tc.steps:
         for micro in range(tc.grad_accum):
-            try:
-                images, captions, reward_batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_position(epoch, 0)
-                batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate))
-                images, captions, reward_batch = next(batches)
+            images, captions, reward_batch = next(batches)
             n = images.shape[0]
             if tc.text_dropout > 0:
                 keep = torch.rand(n, generator=generator) >= tc.text_dropout
@@ -346,7 +349,7 @@ def main(argv=None):
             t = sample_timesteps(n, tc.time_sampling, generator)
             noise = torch.randn(images.shape, generator=generator)
             sync = not distributed or micro == tc.grad_accum - 1
-            with (train_model.no_sync() if not sync else torch.enable_grad()):
+            with train_model.no_sync() if not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss = flow_matching_loss(train_model, images.to(device), t.to(device), noise.to(device),
                                               **condition)

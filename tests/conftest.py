@@ -8,9 +8,10 @@ import pytest
 
 
 def tiny_train_args(runs_dir, *extra):
-    """Flags of a seconds-long training run: tiny preset, a 128-sample built-in world shared by the session."""
+    """Flags of a seconds-long training run: tiny preset, a 48-sample built-in world shared by the session
+    (6 steps per epoch, so 8 steps and a resume at step 4 cross an epoch boundary)."""
     data_dir = Path(runs_dir).parent / "data"
-    return ["--preset", "tiny", "--runs-dir", str(runs_dir), "--data-dir", str(data_dir), "--num-train", "128",
+    return ["--preset", "tiny", "--runs-dir", str(runs_dir), "--data-dir", str(data_dir), "--num-train", "48",
             "--steps", "8", "--ckpt-every", "4", "--keep-every", "4", *extra]
 
 
