@@ -522,6 +522,51 @@ class ImageTextSamples:
         return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Any image-text dataset as a stream of records (what rewards.py annotates; real formats plug in here).
+
+@dataclass
+class Record:
+    """One sample of any dataset format: image is an RGB PIL image, or None when it could not be used (`error` then
+    says why: unreadable, too small, ...); captions maps a caption field ("caption", "short_caption", ...) to text."""
+    key: str
+    image: "Image.Image | None"
+    captions: dict
+    error: str | None = None
+
+
+class ShapesSource:
+    """The built-in dataset folder (ImageTextSamples layout) as a record source."""
+    format = "shapes"
+
+    def __init__(self, path):
+        self.samples = ImageTextSamples(path)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1):
+        """Records of sample i for i % (world_size * num_workers) == rank * num_workers + worker_id, in order."""
+        consumer, consumers = rank * num_workers + worker_id, world_size * num_workers
+        for i in range(consumer, len(self.samples), consumers):
+            yield Record(self.samples.keys[i], Image.fromarray(np.asarray(self.samples.images[i])),
+                         {"caption": self.samples.captions[i]})
+
+
+def open_dataset(path):
+    """A record source for the dataset at `path`, its format detected from what is there (see the module
+    docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers) yielding each
+    sample to exactly one of the world_size * num_workers consumers, and __len__ where the size is known up front.
+    Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    if path.is_dir() and (path / "samples.jsonl").exists() and (path / "images.npy").exists():
+        return ShapesSource(path)
+    raise ValueError(f"{path}: not a dataset this repo reads (expected a built-in dataset folder with "
+                     f"samples.jsonl + images.npy)")
+
+
 class MiroDataset(torch.utils.data.Dataset):
     """Training items (image float32 (3,H,W) in [-1,1], caption, rewards float32 (R,) in [0,1]; (0,) if None)."""
 

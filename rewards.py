@@ -37,39 +37,76 @@ import data
 # Registry: one interface for every reward, built-in or learned.
 
 class Reward:
-    """A named scoring function: __call__(images (B,3,H,W) in [0,1], captions) -> float32 CPU tensor (B,)."""
+    """A named scoring function: __call__(images, captions) -> float32 CPU tensor (B,) of stored values.
 
-    def __init__(self, name: str, fn: Callable, device="cpu"):
+    images: float (B, 3, H, W) in [0, 1], or a list of B (3, H_i, W_i) tensors (real photos differ in size).
+    Learned rewards resize them their own way (`resize_center_crop`); pixel rewards (ragged=False) need one size.
+    caption_field: which caption of a record the reward reads ("caption", or "short_caption" for 77-token models;
+    a record without that field falls back to "caption").
+    """
+
+    def __init__(self, name: str, fn: Callable, device="cpu", caption_field: str = "caption", ragged: bool = False):
         self.name, self.fn, self.device = name, fn, torch.device(device)
+        self.caption_field, self.ragged = caption_field, ragged
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3 or len(captions) != images.shape[0]:
-            raise ValueError(f"{self.name}: expected images (B,3,H,W) and B captions, got {tuple(images.shape)} "
+    def __call__(self, images, captions: Sequence[str]) -> torch.Tensor:
+        if isinstance(images, (list, tuple)):
+            if not all(torch.is_tensor(x) and x.ndim == 3 and x.shape[0] == 3 for x in images):
+                raise ValueError(f"{self.name}: expected a list of (3, H, W) image tensors")
+            if len({tuple(x.shape) for x in images}) == 1:
+                images = torch.stack(list(images))
+            elif not self.ragged:
+                raise ValueError(f"{self.name}: this reward needs images of one size; got "
+                                 f"{sorted({tuple(x.shape[1:]) for x in images})}")
+        n = len(images)
+        if (torch.is_tensor(images) and (images.ndim != 4 or images.shape[1] != 3)) or len(captions) != n:
+            shape = tuple(images.shape) if torch.is_tensor(images) else f"{n} images"
+            raise ValueError(f"{self.name}: expected images (B,3,H,W) and B captions, got {shape} "
                              f"and {len(captions)} captions")
-        scores = self.fn(images.to(self.device, torch.float32).clamp(0, 1), list(captions))
+        if torch.is_tensor(images):
+            images = images.to(self.device, torch.float32).clamp(0, 1)
+        else:
+            images = [x.to(self.device, torch.float32).clamp(0, 1) for x in images]
+        scores = self.fn(images, list(captions))
         return scores.float().cpu()
 
     def __repr__(self):
         return f"Reward({self.name!r})"
 
 
-REWARDS: dict[str, Callable[[str], Reward]] = {}  # name -> factory(device) -> Reward
+REWARDS: dict[str, Callable[..., Reward]] = {}  # name -> factory(device, **options) -> Reward
 
 
 def register_reward(name: str):
-    """Decorator adding a factory `fn(device) -> Reward` under `name` (the key users type)."""
+    """Decorator adding a factory `fn(device, **options) -> Reward` under `name` (the key users type). Options are
+    strings from the command line (`--reward-option name.key=value`), e.g. a local checkpoint path."""
     def wrap(factory):
         REWARDS[name] = factory
         return factory
     return wrap
 
 
-def load_reward(name: str, device="cpu") -> Reward:
+def load_reward(name: str, device="cpu", **options) -> Reward:
     """Build the reward registered under `name`; unknown names raise ValueError listing the known ones."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-    return REWARDS[name](device)
+    return REWARDS[name](device, **options)
+
+
+def resize_center_crop(images, size: int) -> torch.Tensor:
+    """(B,3,H,W) tensor or list of (3,H_i,W_i) in [0,1] -> (B,3,size,size): the shorter side resized to `size`
+    (bicubic, antialiased, as CLIP-style preprocessing does with PIL), then the centre square cropped."""
+    out = []
+    for x in images:
+        h, w = x.shape[-2:]
+        s = size / min(h, w)
+        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out.append(x[:, top:top + size, left:left + size])
+    return torch.stack(out).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,10 +362,19 @@ def contrast_score(images: torch.Tensor, captions=None) -> torch.Tensor:
 BUILTIN_REWARDS = ("alignment", "sharpness", "cleanliness", "contrast")
 for _name, _fn in zip(BUILTIN_REWARDS, (alignment_score, sharpness_score, cleanliness_score, contrast_score)):
     REWARDS[_name] = partial(Reward, _name, _fn)  # factory(device) -> Reward
-# A learned reward registers the same way and loads its weights only when built, e.g.
-#     @register_reward("aesthetic_score")
-#     def _aesthetic(device):
-#         return Reward("aesthetic_score", AestheticScorer(device), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's learned reward models: CLIP score, LAION aesthetic, PickScore, HPSv2, SciScore.
+# (each: the real loader, a tiny constructor for tests, the normalisation to stored values)
+
+# ---- end of CLIP-family rewards --------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's learned reward models: ImageReward (BLIP + BERT cross-attention + MLP) and VQAScore (CLIP-FlanT5).
+
+# ---- end of ImageReward / VQAScore -----------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------------------
