@@ -2,6 +2,7 @@
 
     python data.py build --out data/shapes            # 20k training samples, a few seconds
     python data.py preview --out preview.png          # a captioned grid of samples to look at
+    python data.py inspect shards/{00000..00009}.tar  # any real dataset: format, skip counts, records/s
 
 Conventions (shared by the whole repo):
 - Images are RGB, stored as uint8 (N, H, W, 3); rewards get float32 (B, 3, H, W) in [0, 1]; the generator works
@@ -23,13 +24,38 @@ Conventions (shared by the whole repo):
   at least one and at most all but one per task. With three shapes the single_object and two_object spaces have
   only 3 compositions each, so exactly 1 of 3 is held out there. Training samples never show a held-out
   composition, neither in the image nor in the (possibly wrong) caption; `heldout_prompts` lists them.
+
+Real image-text datasets (`open_dataset(path)` detects the format; every one is a stream of `Record`s):
+- "folder": a folder of images (.jpg/.jpeg/.png/.webp, searched recursively), each with a same-name .txt caption
+  and optionally a same-name .json ({"key", "caption", "short_caption", "synthetic_caption"}, other fields ignored).
+- "manifest": a .jsonl or .csv file with columns image (or file_name; relative to the manifest's folder), caption,
+  and optionally short_caption, synthetic_caption, key.
+- "webdataset": tar shards as img2dataset writes them (key.jpg/.png/.webp + key.txt + key.json), given as a folder
+  of .tar files, one .tar, or a brace pattern "shards/{00000..00009}.tar". Shards are streamed (tarfile "r|*", never
+  extracted; member names are only split into key and extension, never used as paths).
+- "shapes": the built-in world's folder (samples.jsonl + images.npy).
+Keys: a "key" field (.json, manifest column) wins; otherwise the image's path relative to the folder / manifest
+without extension, or the tar member name without extension. Captions: UTF-8 with invalid bytes replaced by U+FFFD
+(a stray byte does not lose the sample), whitespace stripped, an empty optional caption counts as absent.
+Skips: a sample that cannot be used is still yielded as a Record with image None and `error` one of SKIP_REASONS:
+"no_caption" (missing / empty caption), "unreadable" (zero bytes, truncated, not an image), "too_small" (shorter side
+< min_size), "too_large" (more than max_pixels pixels: the decompression-bomb guard, read from the header before any
+decoding), "duplicate" (a key seen before: the first occurrence wins; folders and manifests check the whole
+dataset, a webdataset stream checks what one consumer reads, so keys must be unique across shards as img2dataset
+makes them). Each source counts its outcomes in `source.stats` ({"ok": n, reason: n, ...}, this process only).
 """
 import argparse
 import colorsys
+import csv
 import io
 import json
 import os
+import posixpath
+import re
+import tarfile
 import textwrap
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from itertools import combinations, permutations
@@ -37,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,8 +491,9 @@ def make_sample(index: int, cfg: WorldConfig) -> dict:
 
 
 def _atomic_write(path: Path, write):
-    """write(file) to path.tmp, then rename over path (readers never see a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """write(file) to a temporary file, then rename it over path (readers never see a half-written file). The
+    temporary name carries the process id, so two processes writing the same file never clobber each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)
@@ -545,26 +572,304 @@ class ShapesSource:
     def __len__(self):
         return len(self.samples)
 
-    def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1):
-        """Records of sample i for i % (world_size * num_workers) == rank * num_workers + worker_id, in order."""
-        consumer, consumers = rank * num_workers + worker_id, world_size * num_workers
-        for i in range(consumer, len(self.samples), consumers):
+    def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
+                     seed=None):
+        """Records of this consumer's samples (`consumer_indices`): in order, or shuffled by `seed`."""
+        for i in consumer_indices(len(self.samples), rank, world_size, worker_id, num_workers, seed):
             yield Record(self.samples.keys[i], Image.fromarray(np.asarray(self.samples.images[i])),
                          {"caption": self.samples.captions[i]})
 
 
-def open_dataset(path):
+def consumer_indices(n: int, rank: int, world_size: int, worker_id: int, num_workers: int, seed=None) -> list[int]:
+    """Sample indices of consumer rank * num_workers + worker_id out of world_size * num_workers: every consumer
+    takes every consumers-th position of range(n), or of its permutation by np.random.default_rng(seed), so the
+    consumers partition the samples (the same seed on every consumer)."""
+    consumer, consumers = _consumer(rank, world_size, worker_id, num_workers)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    return order[consumer::consumers].tolist()
+
+
+def _consumer(rank: int, world_size: int, worker_id: int, num_workers: int) -> tuple[int, int]:
+    """(consumer index, number of consumers) of a dataloader worker on a rank."""
+    if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
+        raise ValueError(f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got rank {rank}, "
+                         f"world_size {world_size}, worker_id {worker_id}, num_workers {num_workers}")
+    return rank * num_workers + worker_id, world_size * num_workers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real image-text datasets: decoding and screening, then the three formats (module docstring: layouts and policies).
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SYNTHETIC = "synthetic_caption"  # the caption field of the paper's synthetic (re-)captions
+CAPTION_FIELDS = ("caption", "short_caption", SYNTHETIC)
+SKIP_REASONS = ("no_caption", "unreadable", "too_small", "too_large", "duplicate")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold (~89M pixels); Pillow itself refuses 2x
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency (alpha, or a palette / tRNS transparent colour) is composited on white;
+    16- and 32-bit integer greys (16-bit PNG) are scaled from 0..65535 (Pillow's own convert would clip at 255);
+    float greys are read as 0..1; L, 1, P, CMYK, YCbCr, LAB, HSV go through Pillow's convert."""
+    if image.mode.startswith("I") or image.mode == "F":
+        scale = 255 / 65535 if image.mode.startswith("I") else 255
+        grey = np.asarray(image, dtype=np.float64) * scale
+        image = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(file, min_size: int = 0, max_pixels: int = MAX_PIXELS) -> tuple["Image.Image | None", str | None]:
+    """Decode an image (path or binary file object) to RGB with its EXIF orientation applied: (image, None), or
+    (None, reason) with reason "too_large" (more than max_pixels pixels, judged from the header before decoding),
+    "too_small" (shorter side < min_size) or "unreadable" (empty, truncated, not an image)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, not a warning
+            with Image.open(file) as image:
+                if image.width * image.height > max_pixels:
+                    return None, "too_large"
+                if min(image.size) < min_size:
+                    return None, "too_small"
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no orientation tag
+                return to_rgb(image), None
+    except Image.DecompressionBombError:  # Pillow's own hard limit (2x its threshold), raised by Image.open
+        return None, "too_large"
+    except Exception:  # corrupt data makes Pillow raise OSError, SyntaxError, ValueError, EOFError, zlib errors...
+        return None, "unreadable"
+
+
+def center_crop_resize(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, size, size): the centred min(W, H) square resized to size x size with Pillow's
+    antialiased bicubic filter. The geometry of rewards.resize_center_crop (shorter side to `size`, centre crop),
+    without its rounding of the crop offset to whole pixels."""
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    out = image.resize((size, size), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+def _text(raw) -> str:
+    """Caption bytes or str (or None) -> stripped text; invalid UTF-8 bytes become U+FFFD."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    return raw.strip() if isinstance(raw, str) else ""
+
+
+def _sidecar_fields(txt, meta) -> dict:
+    """Caption fields and the raw "key" (None if absent) from a .txt caption (bytes or None) and a .json sidecar
+    (bytes or None): the .txt gives "caption" (falling back to the .json's), the .json the other fields. A .json that
+    does not parse is ignored: it is optional metadata, the sample is still good."""
+    try:
+        fields = json.loads(meta) if meta else {}
+    except ValueError:
+        fields = {}
+    fields = fields if isinstance(fields, dict) else {}
+    out = {f: _text(fields.get(f)) for f in CAPTION_FIELDS}
+    out["caption"] = _text(txt) or out["caption"]
+    return {**out, "key": fields.get("key")}
+
+
+def _key(value, default: str) -> str:
+    """A sample key from a "key" field (any JSON scalar, as text), or `default` when there is none."""
+    return default if value in (None, "") else str(value)
+
+
+class RealSource:
+    """What the real formats share: the screening settings and `stats`, the outcome counts of the records this
+    process has yielded ({"ok": n, skip reason: n}); subclasses yield records through `_record`."""
+
+    def __init__(self, min_size: int = 0, max_pixels: int = MAX_PIXELS):
+        self.min_size, self.max_pixels = min_size, max_pixels
+        self.stats = dict.fromkeys(("ok", *SKIP_REASONS), 0)
+
+    def _record(self, key: str, file, captions: dict, duplicate: bool = False) -> Record:
+        """A counted Record; `file` (a path or binary file object) is decoded only when the sample is otherwise good."""
+        captions = {f: t for f, t in captions.items() if f in CAPTION_FIELDS and t}
+        image, error = None, ("duplicate" if duplicate else None if captions.get("caption") else "no_caption")
+        if error is None:
+            image, error = load_image(file, self.min_size, self.max_pixels)
+        self.stats[error or "ok"] += 1
+        return Record(key, image, captions, error)
+
+
+class IndexedSource(RealSource):
+    """A folder of images with .txt/.json sidecars ("folder") or a .jsonl/.csv manifest ("manifest"), indexed when
+    opened: entries (key, image path, caption fields) in a fixed order, the first of each key marked to keep. The
+    index lives in memory (a few hundred bytes per sample): fine up to a few million samples; beyond, use shards."""
+
+    def __init__(self, format: str, entries: list[tuple[str, str, dict]], **screening):
+        super().__init__(**screening)
+        self.format, self.entries = format, entries
+        seen = set()
+        self.first = []  # False for a key seen before (yielded as a "duplicate" record)
+        for key, _, _ in entries:
+            self.first.append(key not in seen)
+            seen.add(key)
+
+    @classmethod
+    def from_folder(cls, root: Path, **screening) -> "IndexedSource":
+        entries = []
+        for image in sorted(p for p in root.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTENSIONS and p.is_file()):
+            txt, meta = image.with_suffix(".txt"), image.with_suffix(".json")
+            fields = _sidecar_fields(txt.read_bytes() if txt.is_file() else None,
+                                     meta.read_bytes() if meta.is_file() else None)
+            key = _key(fields.pop("key"), image.relative_to(root).with_suffix("").as_posix())
+            entries.append((key, str(image), fields))
+        if not entries:
+            raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in this folder")
+        return cls("folder", entries, **screening)
+
+    @classmethod
+    def from_manifest(cls, path: Path, **screening) -> "IndexedSource":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            if path.suffix.lower() == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+        entries = []
+        for n, row in enumerate(rows, 1):
+            image = (row.get("image") or row.get("file_name")) if isinstance(row, dict) else None
+            if not image:
+                raise ValueError(f"{path}: row {n} has no image path (columns: image or file_name, caption, "
+                                 f"optional short_caption, synthetic_caption, key)")
+            key = _key(row.get("key"), Path(str(image)).with_suffix("").as_posix())
+            entries.append((key, str(path.parent / str(image)), {f: _text(row.get(f)) for f in CAPTION_FIELDS}))
+        return cls("manifest", entries, **screening)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
+                     seed=None):
+        """Records of this consumer's entries (`consumer_indices`): in index order, or shuffled by `seed`."""
+        for i in consumer_indices(len(self.entries), rank, world_size, worker_id, num_workers, seed):
+            key, image, captions = self.entries[i]
+            yield self._record(key, image, captions, duplicate=not self.first[i])
+
+
+def _json_line(line: str, path, n: int):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shards/{00000..00009}.tar' -> the ten names, zero-padded to the width of the first bound; several ranges
+    multiply out. A pattern without a range comes back alone."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    first, last = m.groups()
+    return [name for i in range(int(first), int(last) + 1)
+            for name in expand_braces(pattern[:m.start()] + str(i).zfill(len(first)) + pattern[m.end():])]
+
+
+def tar_samples(path, stats: dict | None = None):
+    """(key, {extension: bytes}) for each run of consecutive regular members sharing a key (the member name up to
+    the first dot of its base name), streamed with tarfile "r|*": no seeking, nothing written to disk, and member
+    names only split into key and extension. A shard that turns out truncated or corrupt ends there (its last,
+    possibly partial, sample dropped) and counts in stats["bad_shard"]."""
+    key, files = None, {}
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                folder, base = posixpath.split(member.name)
+                stem, dot, ext = base.partition(".")
+                if not member.isreg() or not dot:
+                    continue
+                if posixpath.join(folder, stem) != key:
+                    if files:
+                        yield key, files
+                    key, files = posixpath.join(folder, stem), {}
+                files[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError):
+        if stats is not None:
+            stats["bad_shard"] = stats.get("bad_shard", 0) + 1
+        return
+    if files:
+        yield key, files
+
+
+class WebDatasetSource(RealSource):
+    """img2dataset tar shards, streamed. Consumers (world_size ranks x num_workers dataloader workers) split the
+    work so that each sample is read by exactly one of them: with at least as many shards as consumers, shards are
+    dealt round-robin (whole shards per consumer; counts differ by at most one shard); with fewer shards, the
+    consumers c = s, s + S, s + 2S, ... share shard s (S shards) and take every k-th of its samples (k of them
+    sharing), each reading the whole shard but decoding only its own samples. `seed` shuffles the shard order."""
+    format = "webdataset"
+
+    def __init__(self, shards: list[Path], **screening):
+        super().__init__(**screening)
+        missing = [str(s) for s in shards if not Path(s).is_file()]
+        if not shards:
+            raise ValueError("no shards given")
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) missing, first {missing[0]}")
+        self.shards = [Path(s) for s in shards]
+        self.stats["bad_shard"] = 0  # shards that ended early (truncated / corrupt tar)
+
+    def __len__(self):
+        """The sum of img2dataset's per-shard "successes" (NNNNN_stats.json beside NNNNN.tar); TypeError when a
+        shard has no stats file (the size of a stream is then unknown until read)."""
+        stats = [s.with_name(s.stem + "_stats.json") for s in self.shards]
+        if not all(p.is_file() for p in stats):
+            raise TypeError("size unknown: not every shard has an img2dataset *_stats.json beside it")
+        return sum(int(json.loads(p.read_text())["successes"]) for p in stats)
+
+    def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
+                     seed=None):
+        """This consumer's records, shard after shard (see the class docstring for the split)."""
+        n = len(self.shards)
+        consumer, consumers = _consumer(rank, world_size, worker_id, num_workers)
+        order = consumer_indices(n, 0, 1, 0, 1, seed)  # the shard order, the same on every consumer
+        if n >= consumers:
+            mine, stride, offset = order[consumer::consumers], 1, 0
+        else:
+            mine, stride, offset = [order[consumer % n]], len(range(consumer % n, consumers, n)), consumer // n
+        seen = set()
+        for shard in mine:
+            for j, (member_key, files) in enumerate(tar_samples(self.shards[shard], self.stats)):
+                if j % stride != offset:
+                    continue
+                fields = _sidecar_fields(files.get("txt"), files.get("json"))
+                key = _key(fields.pop("key"), member_key)
+                ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+                image = io.BytesIO(files[ext]) if ext else io.BytesIO(b"")  # no image member -> "unreadable"
+                yield self._record(key, image, fields, duplicate=key in seen)
+                seen.add(key)
+
+
+def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS):
     """A record source for the dataset at `path`, its format detected from what is there (see the module
-    docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers) yielding each
-    sample to exactly one of the world_size * num_workers consumers, and __len__ where the size is known up front.
-    Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
-    path = Path(path)
+    docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers, seed=None)
+    yielding each sample to exactly one of the world_size * num_workers consumers (seed: a shuffled order, the same
+    seed on every consumer), and __len__ where the size is known up front. min_size / max_pixels screen the images
+    of real formats. Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
+    screening = {"min_size": min_size, "max_pixels": max_pixels}
+    text, path = str(path), Path(path)
+    if re.search(r"\{\d+\.\.\d+\}", text):
+        return WebDatasetSource([Path(p) for p in expand_braces(text)], **screening)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
     if path.is_dir() and (path / "samples.jsonl").exists() and (path / "images.npy").exists():
         return ShapesSource(path)
-    raise ValueError(f"{path}: not a dataset this repo reads (expected a built-in dataset folder with "
-                     f"samples.jsonl + images.npy)")
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        return WebDatasetSource(shards, **screening) if shards else IndexedSource.from_folder(path, **screening)
+    suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return WebDatasetSource([path], **screening)
+    if suffix in (".jsonl", ".csv"):
+        return IndexedSource.from_manifest(path, **screening)
+    raise ValueError(f"{path}: not a dataset this repo reads (expected a folder of images or of .tar shards, a "
+                     f".tar, a shard pattern like shards/{{00000..00009}}.tar, a .jsonl / .csv manifest, or a "
+                     f"built-in dataset folder)")
 
 
 class MiroDataset(torch.utils.data.Dataset):
@@ -627,6 +932,171 @@ class ShardedSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training on real data: rewards joined by key, synthetic captions, one stream for every format.
+
+def _columns(annotations: dict, names=()) -> set:
+    """The score columns of the annotations; ValueError if a reward in `names` has no plain column."""
+    columns = set().union(*annotations.values()) if annotations else set()
+    absent = [n for n in names if n not in columns]
+    if absent:
+        raise ValueError(f"the annotations have no scores for reward(s) {', '.join(absent)} "
+                         f"(columns: {', '.join(sorted(columns)) or 'none'})")
+    return columns
+
+
+def annotation_scores(annotations: dict, names) -> dict[str, np.ndarray]:
+    """{name: every finite score of that reward}, its plain column and its "name@field" columns pooled (what the
+    bins are fitted on, so that scores on the real and on the synthetic caption share one scale).
+    annotations: {key: {column: score}} (rewards.load_annotations)."""
+    columns = _columns(annotations, names)
+    out = {}
+    for name in names:
+        cols = [c for c in columns if c == name or c.startswith(name + "@")]
+        x = np.array([row[c] for row in annotations.values() for c in cols if c in row], dtype=np.float64)
+        out[name] = x[np.isfinite(x)]
+    return out
+
+
+class RewardTable:
+    """Reward conditioning values joined by sample key, per caption field.
+
+    Annotation columns: "name" is reward `name` scored on a record's "caption"; "name@field" the same reward scored
+    on caption `field` ("alignment@synthetic_caption"). For a field other than "caption", a reward that has an
+    "@field" column anywhere is caption-dependent and read from it (missing for keys without one); a reward with
+    none is taken as image-only (aesthetic, sharpness) and read from its plain column: `plain_for[field]` lists
+    those, so that a forgotten column shows in the log. Missing and NaN scores map to bin 0 (RewardBins' rule).
+    Keys live in one sorted bytes array, not a dict: no per-key Python objects, so 10M+ keys stay cheap in forked
+    dataloader workers."""
+
+    def __init__(self, annotations: dict, bins, fields=("caption", SYNTHETIC)):
+        self.names = tuple(bins.names)
+        columns = _columns(annotations, self.names)
+        keys = list(annotations)
+        encoded = np.array([k.encode() for k in keys], dtype=bytes)
+        order = np.argsort(encoded, kind="stable")
+        self.keys = encoded[order]
+        self.values, self.complete, self.plain_for = {}, {}, {}
+        for field in fields:
+            self.plain_for[field] = [n for n in self.names if field != "caption" and f"{n}@{field}" not in columns]
+            column = {n: n if field == "caption" or n in self.plain_for[field] else f"{n}@{field}" for n in self.names}
+            scores = {n: np.array([annotations[k].get(column[n], np.nan) for k in keys], np.float64)[order]
+                      for n in self.names}
+            self.values[field] = bins.values(scores)  # (N, R) float32, NaN -> 0
+            self.complete[field] = np.isfinite(np.stack([scores[n] for n in self.names], 1)).all(1)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def lookup(self, key: str, field: str = "caption"):
+        """(values float32 (R,), whether every score was present) of a key's `field` caption, or None when the key
+        has no annotation row."""
+        k = key.encode()
+        i = int(np.searchsorted(self.keys, k))
+        if i == len(self.keys) or self.keys[i] != k:
+            return None
+        return self.values[field][i], bool(self.complete[field][i])
+
+
+def shuffled(items, buffer_size: int, rng: np.random.Generator):
+    """A shuffle buffer: holds buffer_size items, emits a random one as each new one arrives, then the rest."""
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(buffer_size))
+        yield buffer[j]
+        buffer[j] = item
+    yield from (buffer[j] for j in rng.permutation(len(buffer)))
+
+
+class RecordDataset(torch.utils.data.IterableDataset):
+    """Training items (image float32 (3,S,S) in [-1,1], caption, rewards float32 (R,) in [0,1]) streamed from any
+    record source (`open_dataset`) for one rank. Each DataLoader worker reads its own share (`iter_records`), so
+    an epoch yields every usable sample exactly once over all ranks and workers. Epoch e (`set_epoch`) permutes
+    indexed sources and the shard order with seed [seed, resume, e]; shuffle_buffer > 1 also mixes within shards.
+
+    rewards: a RewardTable, or None (rewards are (0,) tensors). missing_rewards: "skip" (a sample without every
+    score is skipped and counted as "no_annotation") or "lowest" (missing scores read as NaN -> bin 0).
+    synthetic_caption_prob: with this probability a record's synthetic caption (when it has one) is trained on,
+    with the rewards scored on it; under "skip", a synthetic caption without its scores falls back to the caption.
+    Images are centre-cropped and resized (`center_crop_resize`). Outcomes are counted in `stats` (source counts
+    plus "no_annotation" and "synthetic"; this process only); report=True prints a pass's counts at its end."""
+
+    def __init__(self, source, image_size: int, rewards: RewardTable | None = None, missing_rewards: str = "skip",
+                 synthetic_caption_prob: float = 0.0, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 0, report: bool = False):
+        if missing_rewards not in ("skip", "lowest"):
+            raise ValueError(f"missing_rewards must be 'skip' or 'lowest', got {missing_rewards!r}")
+        if not 0 <= synthetic_caption_prob <= 1:
+            raise ValueError(f"synthetic_caption_prob must be in [0, 1], got {synthetic_caption_prob}")
+        self.source, self.image_size, self.rewards, self.missing = source, image_size, rewards, missing_rewards
+        self.synthetic_caption_prob, self.rank, self.world_size = synthetic_caption_prob, rank, world_size
+        self.seed, self.shuffle_buffer, self.report = seed, shuffle_buffer, report
+        self.epoch, self.resume = 0, 0
+        self.counts = {"no_annotation": 0, "synthetic": 0}
+
+    def set_epoch(self, epoch: int, resume: int = 0):
+        self.epoch, self.resume = epoch, resume
+
+    @property
+    def stats(self) -> dict:
+        return {**getattr(self.source, "stats", {}), **self.counts}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, self.resume, self.epoch, self.rank, worker_id])  # this consumer's
+        records = self.source.iter_records(self.rank, self.world_size, worker_id, num_workers,
+                                           seed=[self.seed, self.resume, self.epoch])
+        before = self.stats
+        items = (item for item in (self._item(r, rng) for r in records) if item is not None)
+        for image, caption, values in shuffled(items, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else items:
+            yield image.float() / 127.5 - 1, caption, values  # uint8 until here: 4x less memory in the buffer
+        if self.report:  # this pass's counts
+            print(f"data: rank {self.rank} worker {worker_id} epoch {self.epoch}: "
+                  + ", ".join(f"{k} {v - before.get(k, 0)}" for k, v in self.stats.items()), flush=True)
+
+    def _item(self, record: Record, rng: np.random.Generator):
+        if record.error:
+            return None
+        synthetic = rng.random() < self.synthetic_caption_prob  # drawn for every record: a reproducible stream
+        field = SYNTHETIC if synthetic and record.captions.get(SYNTHETIC) else "caption"
+        values = np.zeros(0, np.float32)
+        if self.rewards is not None:
+            hit = self.rewards.lookup(record.key, field)
+            if self.missing == "skip" and field != "caption" and not (hit and hit[1]):
+                field, hit = "caption", self.rewards.lookup(record.key, "caption")
+            if self.missing == "skip" and not (hit and hit[1]):
+                self.counts["no_annotation"] += 1
+                return None
+            values = hit[0] if hit else np.zeros(len(self.rewards.names), np.float32)  # no row: every bin 0
+        self.counts["synthetic"] += field == SYNTHETIC
+        return (center_crop_resize(record.image, self.image_size), record.captions[field],
+                torch.from_numpy(np.array(values, np.float32)))
+
+
+def stream_batches(dataset: RecordDataset, batch_size: int, num_workers: int = 0, resume: int = 0):
+    """Endless batches (images, captions, rewards) of a RecordDataset, epoch after epoch, one DataLoader pass each
+    (each worker drops its last partial batch). resume: the step a resumed run restarts at; its epochs come
+    from a seed stream of their own, so it reads fresh, reproducible permutations instead of the rest of the
+    interrupted epoch (a stream's position within an epoch is not stored)."""
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch, resume)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=collate, drop_last=True)
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(f"rank {dataset.rank}: an epoch gave no full batch of {batch_size} usable samples "
+                             f"(this process counted {dataset.stats})")
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line.
 
 def preview(cfg: WorldConfig, out: str, n=24, cols=6, zoom=5, start=0):
@@ -647,8 +1117,25 @@ def preview(cfg: WorldConfig, out: str, n=24, cols=6, zoom=5, start=0):
     print(f"wrote {out}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description="The built-in shapes dataset.")
+def inspect(path, min_size: int = 0, image_size: int = 256, limit: int | None = None) -> dict:
+    """Read a dataset once (or its first `limit` records) in one process as training would (decode, screen, crop and
+    resize to image_size), print the outcome counts and the speed, and return the counts."""
+    source = open_dataset(path, min_size=min_size)
+    start, n = time.time(), 0
+    for record in source.iter_records():
+        if record.image is not None:
+            center_crop_resize(record.image, image_size)
+        n += 1
+        if limit and n >= limit:
+            break
+    seconds = time.time() - start
+    print(f"{path}: {source.format}, {n} records in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} records/s in one "
+          f"process at {image_size} px): " + ", ".join(f"{k} {v}" for k, v in source.stats.items()))
+    return dict(source.stats)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The built-in shapes dataset, and a check of any dataset.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("build", "generate the training set"), ("preview", "write a captioned grid of samples")):
         p = sub.add_parser(name, help=help_)
@@ -663,8 +1150,19 @@ def main():
     pv.add_argument("--n", type=int, default=24, help="number of samples shown (default 24)")
     pv.add_argument("--start", type=int, default=0, help="index of the first sample shown (default 0)")
     pv.add_argument("--zoom", type=int, default=5, help="nearest-neighbour upscaling of each image (default 5)")
-    args = parser.parse_args()
-    if args.command == "build":
+    ins = sub.add_parser("inspect", help="read any dataset open_dataset reads once: outcome counts and speed")
+    ins.add_argument("path", help="image folder, .jsonl/.csv manifest, .tar shards folder or pattern like "
+                                  "shards/{00000..00009}.tar")
+    ins.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
+    ins.add_argument("--image-size", type=int, default=256, help="training resolution to resize to (default 256)")
+    ins.add_argument("--limit", type=int, default=None, help="stop after this many records (default: all)")
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        try:
+            inspect(args.path, args.min_size, args.image_size, args.limit)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+    elif args.command == "build":
         cfg = WorldConfig(image_size=args.image_size, num_train=args.num_train, seed=args.seed)
         print(f"dataset in {build_shapes_dataset(cfg, args.out)}")
     else:

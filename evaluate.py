@@ -1,130 +1,841 @@
-"""Evaluate a checkpoint on the held-out prompts of the built-in world.
+"""Evaluation: GenEval-style accuracy, reward metrics, diversity, reward trade-offs, best-of-N, and the
+convergence experiment that reproduces the paper's headline claim on the built-in benchmark.
 
-    python evaluate.py --ckpt runs/miro            # reward means and GenEval-style accuracy, s_pos = 1 vs s_pos = 0
-    python evaluate.py --ckpt runs/baseline        # the baseline (text CFG only)
+    python evaluate.py geneval --ckpt runs/miro                  # GenEval's rules on the held-out built-in prompts
+    python evaluate.py geneval --ckpt RUN --prompts ../shared/benchmarks/geneval/evaluation_metadata.jsonl \\
+                               --detector mask2former            # the real protocol (needs the public weights)
+    python evaluate.py rewards --ckpt runs/miro                  # mean and 95% CI of every reward
+    python evaluate.py diversity --ckpt runs/miro                # mean pairwise distance between samples of a prompt
+    python evaluate.py tradeoff --ckpt runs/miro --reward sharpness    # sweep one reward's positive target
+    python evaluate.py tts --ckpt runs/miro --baseline runs/baseline --select-by alignment   # best-of-N
+    python evaluate.py convergence [--quick]                     # train baseline + MIRO and compare along the way
+    torchrun --nproc_per_node=4 evaluate.py geneval ...          # sampling subcommands shard over ranks
 
-Two different judgements, kept apart on purpose:
-- reward metrics: the mean of every built-in reward (soft scores, alignment = fraction of clauses satisfied);
+Conventions:
+- A setting is (positive targets, negative targets, guidance weight): MIRO samples with s_pos = 1, s_neg = 0 and the
+  checkpoint's cfg unless told otherwise; a baseline uses text CFG with an empty negative prompt (sample.py).
+- Image i of an evaluation gets its own noise seed (seed * 1_000_003 + i), so a sharded run (rank r samples the
+  images i = r mod world_size) gives exactly the images and numbers of one process.
 - GenEval's strict rule: an image is correct only if every include clause holds and no exclude clause fires; a
-  task's score is the mean correctness of its images and `overall` the mean of the six task scores.
+  task's score is the mean correctness of its images and `overall` the mean of the task scores. Reward metrics
+  are separate soft judgements (the built-in `alignment` is the fraction of clauses satisfied).
+- Every subcommand writes a JSON of its numbers (and a PNG plot where a picture says more) into --out.
 """
 import argparse
+import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import rewards
-from model import load_checkpoint, model_from_checkpoint
-from sample import generate, latest_checkpoint, parse_reward_targets, save_grid
+from sample import generate, open_checkpoint, parse_reward_targets, save_grid, to_uint8
+
+SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
 
 
-def geneval_scores(detections, metadatas):
-    """Per-task and overall accuracy under GenEval's strict rule (every clause must hold)."""
-    per_task = {}
-    for found, meta in zip(detections, metadatas):
-        per_task.setdefault(meta["tag"], []).append(float(all(rewards.check_clauses(meta, found))))
-    scores = {task: sum(v) / len(v) for task, v in per_task.items()}
-    scores["overall"] = sum(scores.values()) / len(scores)
-    return scores
+# ----------------------------------------------------------------------------------------------------------------
+# GenEval's real detector: Mask2Former (COCO instances) + zero-shot CLIP colour on the masked crop.
+#
+# GenEval (djghosh13/geneval, evaluation/evaluate_images.py) runs mmdetection 2.x's Mask2Former Swin-S and open_clip's
+# ViT-L-14 "openai". Here both come from transformers (the CLIP weights are the same; the Mask2Former weights are
+# FAIR's original training of the same architecture, GenEval's are mmdetection's retraining), and every step
+# around the networks follows GenEval and mmdetection's test pipeline:
+# - input: the 8-bit image (GenEval reads PNGs), resized bilinearly so the short side is 800 unless the long side
+#   would pass 1333, rounded to 8 bits, normalised, zero-padded to a multiple of 32;
+# - instances: the 100 best (query, class) pairs by class probability; mask = mask logits > 0 at the original size
+#   (upsampled to the padded input, cropped, resized); score = class probability x mean mask probability inside
+#   the mask; box = the mask's bounding box [x0, y0, x1, y1], x1/y1 exclusive;
+# - GenEval: per class the scores above 0.3 (0.9 for the counting task), most confident first, at most 16, no NMS;
+# - colour: the image with everything outside the mask set to grey #999, cut to the box, CLIP's preprocessing
+#   (bicubic short side, centre crop), then the nearest of 10 colour embeddings, each the normalised mean of the
+#   normalised text embeddings of 3 templates naming the object's class (clip_benchmark's zero-shot classifier).
+
+GENEVAL_CLASSES = (  # COCO's 80 instance classes in label order, spelled as in GenEval's object_names.txt
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "computer mouse", "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster",
+    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+COLOR_TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")
 
 
-def heldout_images(metadatas, n_per_prompt, min_per_task):
-    """One metadata entry per image to sample: n_per_prompt per prompt, more for tasks with few prompts."""
-    images = []
-    for task in dict.fromkeys(m["tag"] for m in metadatas):
-        prompts = [m for m in metadatas if m["tag"] == task]
-        repeats = max(n_per_prompt, math.ceil(min_per_task / len(prompts)))
-        images += [m for m in prompts for _ in range(repeats)]
-    return images
+@dataclass
+class GenEvalDetectorConfig:
+    """The real GenEval detector; defaults are GenEval's (its --options) and mmdetection's test pipeline."""
+    mask2former: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or local folder: model + processor
+    clip: str = "openai/clip-vit-large-patch14"  # hub id or local folder: CLIPModel + tokenizer
+    clip_precision: str = "bf16"     # CLIP under bf16 autocast on CUDA, or fp32
+    threshold: float = 0.3           # keep instances scoring above this,
+    counting_threshold: float = 0.9  #   above this for the counting task,
+    max_objects: int = 16            #   at most this many per class, most confident first,
+    max_overlap: float = 1.0         #   skipping those with IoU >= this with a kept one of the class (1: no NMS)
+    max_per_image: int = 100         # (query, class) pairs ranked by class probability before the thresholds
+    short_edge: int = 800            # detector input: short side resized to this unless the long side would
+    long_edge: int = 1333            #   pass this (mmdetection's test scale), aspect kept,
+    size_divisor: int = 32           #   zero-padded to a multiple of this
+    background: float = 0.6          # grey (#999) that replaces everything outside the mask on the colour crop
+    batch_size: int = 8              # images per Mask2Former forward
+
+
+def load_mask2former(source: str):
+    """Mask2FormerForUniversalSegmentation (float32, eval) and its image processor from a hub id or a local folder;
+    strict: missing, unexpected or mis-shaped weights raise ValueError (transformers would only log them)."""
+    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+    model, info = Mask2FormerForUniversalSegmentation.from_pretrained(source, output_loading_info=True)
+    bad = {k: sorted(map(str, v))[:3] for k, v in info.items() if k != "error_msgs" and v}
+    if bad:
+        raise ValueError(f"{source}: weights do not match Mask2FormerForUniversalSegmentation: {bad}")
+    return model.float().eval().requires_grad_(False), AutoImageProcessor.from_pretrained(source)
+
+
+def _normalize(x255: torch.Tensor, processor) -> torch.Tensor:
+    """Pixel values 0..255 (B,3,H,W) -> Mask2Former's input, with the processor's rescale factor, mean and std."""
+    x = x255 * processor.rescale_factor if processor.do_rescale else x255
+    mean = torch.tensor(processor.image_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _as_pixels(image) -> torch.Tensor:
+    """An image (3,H,W) tensor in [0, 1] or a PIL image -> float (3,H,W) on 8-bit levels 0..255."""
+    if not torch.is_tensor(image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float()
+    return (image.detach().float() * 255).round().clamp(0, 255)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """mmdetection's mask2bbox: boxes (N,4) [x0, y0, x1, y1] (x1/y1 exclusive) of masks (N,H,W); zeros if empty."""
+    def span(hit):                                          # (N,L) bool -> first index with a pixel, last + 1
+        return hit.float().argmax(1), hit.shape[1] - hit.flip(1).float().argmax(1)
+    rows, cols = masks.any(2), masks.any(1)
+    (x0, x1), (y0, y1) = span(cols), span(rows)
+    return torch.stack([x0, y0, x1, y1], 1).float() * rows.any(1, keepdim=True)
+
+
+def masked_crop(pixels: torch.Tensor, mask: torch.Tensor, box, background: float) -> torch.Tensor:
+    """GenEval's colour crop: pixels (3,H,W) with everything outside mask (H,W) set to background (a fraction of
+    255), cut to box [x0, y0, x1, y1] (rounded, as PIL's crop does)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    return torch.where(mask, pixels, round(background * 255))[:, y0:y1, x0:x1]
+
+
+def box_iou_inclusive(a, b) -> float:
+    """GenEval's IoU of two boxes, counting both end pixels (width x1 - x0 + 1): used only by its optional NMS."""
+    def area(x0, y0, x1, y1):
+        return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a) + area(*b) - inter
+    return inter / union if union else 0.0
+
+
+class GenEvalDetector:
+    """GenEval's detector: __call__(images, metadatas) -> per image a list of {"class", "color", "box", "center",
+    "score", "area"} (area: mask pixels), most confident first: the format of rewards.detect_shapes, so
+    rewards.check_clauses applies unchanged. Images: a (B,3,H,W) tensor or a list of (3,H,W) tensors in [0, 1] or
+    PIL images; metadatas: GenEval metadata per image (its "tag" picks the threshold) or None (threshold 0.3).
+
+    Mask2Former runs in float32 (its scores meet thresholds); CLIP (a rewards.ClipEncoder) under bf16 autocast on
+    CUDA unless clip_precision=fp32 (GenEval's clip_benchmark used fp16 autocast). Mask2Former's input size comes
+    from the config, not from the hub processor (which squashes images to 384 x 384); the processor gives the
+    pixel statistics.
+    """
+
+    def __init__(self, segmenter, seg_processor, clip, cfg=GenEvalDetectorConfig(), device="cpu"):
+        if segmenter.config.num_labels != len(GENEVAL_CLASSES):
+            raise ValueError(f"the detector has {segmenter.config.num_labels} classes; GenEval needs COCO's 80 "
+                             f"instance classes (a *-coco-instance Mask2Former)")
+        self.device = torch.device(device)
+        self.segmenter, self.seg_processor = segmenter.to(self.device), seg_processor
+        self.clip = clip
+        self.cfg = cfg
+        self._classifiers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, cfg=GenEvalDetectorConfig(), device="cpu") -> "GenEvalDetector":
+        clip = rewards.load_hf_clip(cfg.clip, cfg.clip, device, cfg.clip_precision)
+        return cls(*load_mask2former(cfg.mask2former), clip, cfg, device)
+
+    def _segment(self, pixels: torch.Tensor):
+        """Mask2Former on same-size images (B,3,H,W) 0..255 -> class logits (B,Q,81), mask logits (B,Q,H,W)."""
+        c = self.cfg
+        b, _, h, w = pixels.shape
+        scale = min(c.short_edge / min(h, w), c.long_edge / max(h, w))
+        rh, rw = int(h * scale + 0.5), int(w * scale + 0.5)
+        x = F.interpolate(pixels, size=(rh, rw), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        ph, pw = math.ceil(rh / c.size_divisor) * c.size_divisor, math.ceil(rw / c.size_divisor) * c.size_divisor
+        x = F.pad(_normalize(x, self.seg_processor), (0, pw - rw, 0, ph - rh))
+        valid = torch.zeros(b, ph, pw, dtype=torch.long, device=x.device)
+        valid[:, :rh, :rw] = 1
+        out = self.segmenter(pixel_values=x, pixel_mask=valid)
+        masks = F.interpolate(out.masks_queries_logits.float(), size=(ph, pw), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks[:, :, :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)
+        return out.class_queries_logits.float(), masks
+
+    def _instances(self, class_logits: torch.Tensor, mask_logits: torch.Tensor):
+        """mmdetection's Mask2Former instance results of one image: labels (N,), scores (N,), masks (N,H,W) bool."""
+        probs = class_logits.softmax(-1)[:, :-1]                          # the last class is "no object"
+        top, idx = probs.flatten().topk(min(self.cfg.max_per_image, probs.numel()))
+        query, labels = idx // probs.shape[1], idx % probs.shape[1]
+        binary = mask_logits > 0
+        mask_score = (mask_logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        return labels, top * mask_score[query], binary[query]
+
+    def _select(self, labels, scores, boxes, threshold: float) -> list[int]:
+        """GenEval's filter: per class the instances scoring above threshold, most confident first, at most
+        max_objects, greedy NMS if max_overlap < 1. Returns indices, most confident first over all classes."""
+        keep = []
+        for c in labels.unique().tolist():
+            idx = ((labels == c) & (scores > threshold)).nonzero()[:, 0]
+            kept = []
+            for i in idx[scores[idx].argsort(descending=True, stable=True)][:self.cfg.max_objects].tolist():
+                if self.cfg.max_overlap >= 1 or all(box_iou_inclusive(boxes[i], boxes[j]) < self.cfg.max_overlap
+                                                    for j in kept):
+                    kept.append(i)
+            keep += kept
+        return sorted(keep, key=lambda i: -scores[i].item())
+
+    @torch.no_grad()
+    def color_classifier(self, classname: str) -> torch.Tensor:
+        """(10, D): row k the normalised mean of the normalised text embeddings of the templates with colour k."""
+        if classname not in self._classifiers:
+            texts = [t.format(color=c, cls=classname) for c in GENEVAL_COLORS for t in COLOR_TEMPLATES]
+            emb = self.clip.texts(texts).view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1).mean(1)
+            self._classifiers[classname] = F.normalize(emb, dim=-1)
+        return self._classifiers[classname]
+
+    @torch.no_grad()
+    def __call__(self, images, metadatas=None) -> list[list[dict]]:
+        pixels = [_as_pixels(im).to(self.device) for im in images]
+        metadatas = metadatas if metadatas is not None else [{}] * len(pixels)
+        results = []
+        for lo in range(0, len(pixels), self.cfg.batch_size):
+            chunk = pixels[lo:lo + self.cfg.batch_size]
+            groups = [torch.stack(chunk)] if len({p.shape for p in chunk}) == 1 else [p[None] for p in chunk]
+            outputs = [o for g in groups for o in zip(*self._segment(g))]
+            results += [self._detect(p, *o, m) for p, o, m in zip(chunk, outputs, metadatas[lo:lo + len(chunk)])]
+        return results
+
+    def _detect(self, pixels, class_logits, mask_logits, metadata) -> list[dict]:
+        """One image: instances -> GenEval's filter -> boxes and colours."""
+        labels, scores, masks = self._instances(class_logits, mask_logits)
+        boxes = mask_boxes(masks).tolist()
+        threshold = self.cfg.counting_threshold if metadata.get("tag") == "counting" else self.cfg.threshold
+        keep = [i for i in self._select(labels, scores, boxes, threshold) if boxes[i][2] > 0]   # empty masks score 0
+        crops = [masked_crop(pixels, masks[i], boxes[i], self.cfg.background) / 255 for i in keep]
+        embeddings = self.clip.images(crops) if crops else []                       # CLIP's own preprocessing
+        found = []
+        for i, emb in zip(keep, embeddings):
+            name, box = GENEVAL_CLASSES[int(labels[i])], boxes[i]
+            found.append({"class": name, "color": GENEVAL_COLORS[int((self.color_classifier(name) @ emb).argmax())],
+                          "box": box, "center": [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2],
+                          "score": float(scores[i]), "area": float(masks[i].sum())})
+        return found
+
+
+def make_detector(name: str = "shapes", device="cpu", **options):
+    """A GenEval detector by name: detector(images, metadatas) -> per image its detections, most confident first.
+    "shapes": the built-in world's rules-based rewards.detect_shapes (no options, metadata unused);
+    "mask2former": GenEvalDetector, options = GenEvalDetectorConfig fields (strings from the command line are
+    converted to the field's type)."""
+    if name == "shapes":
+        if options:
+            raise ValueError(f"the shapes detector takes no options (got {', '.join(options)})")
+        return lambda images, metadatas=None: rewards.detect_shapes(
+            images if torch.is_tensor(images) else torch.stack(list(images)))
+    if name != "mask2former":
+        raise ValueError(f"unknown detector {name!r}: choose shapes or mask2former")
+    types = {f.name: type(f.default) for f in fields(GenEvalDetectorConfig)}
+    config = {}
+    for key, value in options.items():
+        if key not in types:
+            raise ValueError(f"unknown mask2former detector option {key!r}; known: {', '.join(types)}")
+        try:
+            config[key] = types[key](value)
+        except ValueError:
+            raise ValueError(f"detector option {key}={value!r}: expected a {types[key].__name__}") from None
+    return GenEvalDetector.from_pretrained(GenEvalDetectorConfig(**config), device)
+
+# ---- end of the real GenEval detector --------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt sets: the held-out built-in prompts, GenEval's metadata, PartiPrompts, or a plain list.
+
+def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
+    """'heldout' (the built-in world's held-out compositions) or a file: GenEval metadata .jsonl (one JSON object
+    with "prompt" per line, GenEval fields kept), PartiPrompts .tsv (column "Prompt"), or .txt (a prompt per line).
+    Returns one dict per prompt with at least "prompt"."""
+    if spec == "heldout":
+        if world is None:
+            raise ValueError("--prompts heldout needs a checkpoint trained on the built-in world")
+        return data.heldout_prompts(world)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {spec}: no such file (or use 'heldout')")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif path.suffix == ".tsv":
+        prompts = [{"prompt": row["Prompt"], "tag": row.get("Category", "")}
+                   for row in csv.DictReader(text.splitlines(), delimiter="\t")]
+    else:
+        prompts = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, dict) and isinstance(p.get("prompt"), str) for p in prompts):
+        raise ValueError(f"{path}: expected prompts (a 'prompt' string per JSON line, a 'Prompt' column, or lines)")
+    return prompts
+
+
+def repeat_prompts(prompts: list[dict], n_per_prompt: int, min_per_task: int = 0) -> list[dict]:
+    """One item per image: n_per_prompt per prompt (more for GenEval tasks with few prompts, so that every task has
+    at least min_per_task images), each with "index" (the prompt's position) and "sample" (its k-th image)."""
+    per_task: dict[str, int] = {}
+    for p in prompts:
+        per_task[p.get("tag", "")] = per_task.get(p.get("tag", ""), 0) + 1
+    items = []
+    for index, p in enumerate(prompts):
+        repeats = max(n_per_prompt, math.ceil(min_per_task / per_task[p.get("tag", "")]))
+        items += [{**p, "index": index, "sample": k} for k in range(repeats)]
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded sampling and scoring.
+
+def init_distributed():
+    """(rank, world_size): joins torchrun's process group when launched by it (gloo on CPU, NCCL on CUDA)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_rows(local: dict[int, dict], n: int) -> list[dict]:
+    """Merge every rank's {item index: row} into one list of n rows in item order (all ranks get it)."""
+    parts = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    merged = {i: row for part in parts for i, row in part.items()}
+    if sorted(merged) != list(range(n)):
+        raise RuntimeError(f"sharded evaluation lost or duplicated images: {len(merged)} of {n}")
+    return [merged[i] for i in range(n)]
+
+
+def pixel_features(images01: torch.Tensor) -> torch.Tensor:
+    """The offline diversity feature: the image area-averaged to 8x8 RGB (192 values in [0, 1]). Distances are
+    RMS colour differences of the coarse layout: what a prompt leaves free (placement, size, hue jitter)."""
+    return F.adaptive_avg_pool2d(images01, 8).flatten(1)
+
+
+class Judges:
+    """Everything that scores an image: reward models (soft scores), a GenEval detector (strict correctness of
+    items that carry GenEval metadata) and a feature extractor for diversity."""
+
+    def __init__(self, reward_models: dict, detector=None, features=pixel_features):
+        self.rewards, self.detector, self.features = reward_models, detector, features
+
+    def __call__(self, images01: torch.Tensor, items: list[dict]) -> list[dict]:
+        prompts = [it["prompt"] for it in items]
+        scores = {name: r(images01, prompts).tolist() for name, r in self.rewards.items()}
+        rows = [{"rewards": {name: s[j] for name, s in scores.items()}} for j in range(len(items))]
+        if self.detector is not None and all("include" in it for it in items):
+            for row, it, found in zip(rows, items, self.detector(images01, items)):
+                row["correct"] = rewards.geneval_correct(it, found)
+        if self.features is not None:
+            for row, f in zip(rows, self.features(images01).tolist()):
+                row["features"] = f
+        return rows
 
 
 @torch.no_grad()
-def evaluate_setting(model, tokenizer, prompts, pos, neg, cfg, steps, seed, device, reward_models):
-    """Sample every held-out prompt with the targets (pos, neg) and score the images."""
-    captions = [m["prompt"] for m in prompts]
-    n = len(captions)
-    images = generate(model, tokenizer, captions, pos.expand(n, -1), neg.expand(n, -1), cfg=cfg, steps=steps,
-                      seed=seed, device=device)
-    images01 = (images + 1) / 2
-    metrics = {name: reward(images01, captions).mean().item() for name, reward in reward_models.items()}
-    metrics["geneval"] = geneval_scores(rewards.detect_shapes(images01), prompts)
-    return images, metrics
+def sample_and_judge(model, tokenizer, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
+                     batch_size=64, on_images=None) -> list[dict]:
+    """Generate and judge this rank's share of `items` (image i with its own noise seed), then gather: returns
+    one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(items), world_size))
+    local = {}
+    for lo in range(0, len(mine), batch_size):
+        idx = mine[lo:lo + batch_size]
+        batch = [items[i] for i in idx]
+        n = len(idx)
+        images = generate(model, tokenizer, [it["prompt"] for it in batch],
+                          None if pos is None else pos.expand(n, -1), None if neg is None else neg.expand(n, -1),
+                          cfg=cfg, steps=steps, device=device, batch_size=batch_size,
+                          seeds=[seed * SEED_STRIDE + i for i in idx])
+        if on_images is not None:
+            on_images(idx, images)
+        local.update(zip(idx, judges((images + 1) / 2, batch)))
+    return gather_rows(local, len(items))
 
 
-def format_table(rows, reward_names, tasks):
-    """A markdown table: one row per setting, reward means then GenEval task accuracies and overall."""
-    header = ["setting"] + list(reward_names) + [f"GenEval {t}" for t in tasks] + ["GenEval overall"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics from per-image rows.
+
+def mean_ci(values) -> dict:
+    """Mean and the half-width of its 95% confidence interval (normal approximation, 1.96 standard errors)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return {"mean": float(x.mean()) if len(x) else float("nan"), "ci95": float(half), "n": int(len(x))}
+
+
+def geneval_summary(rows: list[dict], items: list[dict]) -> dict:
+    """GenEval's numbers: per-task accuracy (mean correctness of its images) and overall = mean over tasks."""
+    per_task: dict[str, list[float]] = {}
+    for row, it in zip(rows, items):
+        if "correct" in row:
+            per_task.setdefault(it["tag"], []).append(float(row["correct"]))
+    scores = {task: float(np.mean(v)) for task, v in per_task.items()}
+    if scores:
+        scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def diversity(rows: list[dict], items: list[dict]) -> float:
+    """Mean over prompts (with >= 2 images) of the mean pairwise feature distance between their images (for L2-
+    normalised features like CLIP's: the Euclidean distance; for pixel features: the RMS colour difference)."""
+    groups: dict[int, list[list[float]]] = {}
+    for row, it in zip(rows, items):
+        groups.setdefault(it["index"], []).append(row["features"])
+    per_prompt = []
+    for feats in groups.values():
+        if len(feats) > 1:
+            f = torch.tensor(feats)
+            d = torch.cdist(f, f) / math.sqrt(f.shape[1])
+            per_prompt.append(d.sum().item() / (len(f) * (len(f) - 1)))
+    return float(np.mean(per_prompt)) if per_prompt else float("nan")
+
+
+def summarize(rows: list[dict], items: list[dict]) -> dict:
+    """Every metric of one setting: reward means (with 95% CI), GenEval per task and overall, diversity."""
+    out = {"rewards": {name: mean_ci([r["rewards"][name] for r in rows]) for name in rows[0]["rewards"]}}
+    out["geneval"] = geneval_summary(rows, items)
+    if "features" in rows[0]:
+        out["diversity"] = diversity(rows, items)
+    return out
+
+
+def flat_metrics(summary: dict) -> dict:
+    """{metric name: value} of a summary: each reward mean, 'geneval' (overall), 'diversity'."""
+    flat = {name: v["mean"] for name, v in summary["rewards"].items()}
+    if "overall" in summary.get("geneval", {}):
+        flat["geneval"] = summary["geneval"]["overall"]
+    if "diversity" in summary:
+        flat["diversity"] = summary["diversity"]
+    return flat
+
+
+def speedup(steps, baseline, miro) -> float | None:
+    """The paper's convergence speedup for a higher-is-better metric: the baseline's last step divided by the
+    step at which MIRO first reaches the baseline's final value. Between evaluated steps the curve is linearly
+    interpolated; reached at the first evaluated step, that step counts (so the speedup is then a lower bound).
+    None if MIRO never reaches it within the budget."""
+    target = baseline[-1]
+    for k, (s, v) in enumerate(zip(steps, miro)):
+        if v >= target:
+            if k == 0:
+                return steps[-1] / s
+            s0, v0 = steps[k - 1], miro[k - 1]
+            return steps[-1] / (s0 + (s - s0) * (target - v0) / (v - v0))
+    return None
+
+
+def format_table(rows: dict[str, dict], columns: list[str]) -> str:
+    """A markdown table: one row per setting, one column per flat metric."""
+    lines = ["| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, m in rows.items():
-        cells = [name] + [f"{m[r]:.3f}" for r in reward_names] + [f"{m['geneval'].get(t, float('nan')):.2f}"
-                                                                   for t in tasks] + [f"{m['geneval']['overall']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [f"{m[c]:.3f}" if isinstance(m.get(c), float) and np.isfinite(m[c]) else "-" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None):
+def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title: str = ""):
+    """One panel per metric, one line per model/setting: curves[metric][label] = values along x (or (x, values))."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(curves)
+    cols = min(n, 4)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.6 * cols, 2.8 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, (metric, lines) in zip(axes.flat, curves.items()):
+        for label, ys in lines.items():
+            xs, ys = ys if isinstance(ys, tuple) else (x, ys)
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log(*parts):
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands. Each gets (args, context) and returns the JSON-able result that main writes.
+
+class Context:
+    """What every sampling subcommand needs: the model, its sampling setting and the judges."""
+
+    def __init__(self, args, ckpt_arg=None):
+        self.path, self.ckpt, self.model, self.tokenizer = open_checkpoint(ckpt_arg or args.ckpt, ema=True)
+        self.model = self.model.to(args.device).eval()
+        self.names = list(self.model.cfg.reward_names)
+        self.world = data.WorldConfig(**self.ckpt["world"]) if self.ckpt.get("world") else None
+        self.cfg = args.cfg if args.cfg is not None else self.ckpt["sampling"]["cfg"]
+        self.pos = parse_reward_targets(args.rewards, self.names, 1.0) if self.names else None
+        self.neg = torch.zeros(len(self.names)) if self.names else None
+        self.args = args
+
+    def judges(self, detector=True, features=True, reward_names=None):
+        a = self.args
+        names = reward_names or [n for n in a.judge_rewards.split(",") if n]
+        models = {n: rewards.load_reward(n, device=a.device, **a.reward_options.get(n, {})) for n in names}
+        det = make_detector(a.detector, a.device, **a.detector_options) if detector else None
+        return Judges(models, det, pixel_features if features else None)
+
+    def run(self, items, judges, pos=None, cfg=None, on_images=None):
+        a = self.args
+        pos = self.pos if pos is None else pos
+        return sample_and_judge(self.model, self.tokenizer, items, pos, self.neg, self.cfg if cfg is None else cfg,
+                                judges, steps=a.steps, seed=a.seed, device=a.device, batch_size=a.batch_size,
+                                on_images=on_images)
+
+
+def cmd_geneval(args, ctx):
+    """GenEval: 4 images per prompt (the built-in held-out set repeats small tasks to --min-per-task images),
+    written in GenEval's folder layout (NNNNN/metadata.jsonl, NNNNN/samples/XXXX.png) so that the official
+    evaluator can score them too, and judged here with --detector."""
+    prompts = load_prompts(args.prompts, ctx.world)
+    if not all("include" in p and "tag" in p for p in prompts):
+        raise ValueError(f"--prompts {args.prompts}: GenEval needs metadata (tag, include) with every prompt")
+    items = repeat_prompts(prompts, args.n_per_prompt, args.min_per_task if args.prompts == "heldout" else 0)
+    folder = args.out / "geneval"
+
+    def write(indices, images):
+        for i, pixels in zip(indices, to_uint8(images)):
+            it = items[i]
+            sub = folder / f"{it['index']:05d}"
+            (sub / "samples").mkdir(parents=True, exist_ok=True)
+            if it["sample"] == 0:
+                meta = {k: v for k, v in it.items() if k not in ("index", "sample")}
+                (sub / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+            from PIL import Image
+            Image.fromarray(pixels).save(sub / "samples" / f"{it['sample']:04d}.png")
+
+    rows = ctx.run(items, ctx.judges(features=False, reward_names=["alignment"] if ctx.world else None),
+                   on_images=write)
+    result = {"geneval": geneval_summary(rows, items), "images": len(items), "folder": str(folder)}
+    per_task = result["geneval"]
+    log(" | ".join(f"{t} {per_task[t]:.3f}" for t in per_task))
+    return result
+
+
+def cmd_rewards(args, ctx):
+    """Mean and 95% confidence interval of every judge reward over a prompt set."""
+    items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.n_per_prompt)
+    summary = summarize(ctx.run(items, ctx.judges(detector=False, features=False)), items)
+    for name, v in summary["rewards"].items():
+        log(f"{name:>14}: {v['mean']:.4f} +- {v['ci95']:.4f} (95% CI, {v['n']} images)")
+    return summary
+
+
+def cmd_diversity(args, ctx):
+    """Per prompt, the mean pairwise distance between its samples (pixel features offline)."""
+    items = repeat_prompts(load_prompts(args.prompts, ctx.world), max(2, args.n_per_prompt))
+    value = diversity(ctx.run(items, Judges({}, None, pixel_features)), items)
+    log(f"diversity (mean pairwise RMS distance of 8x8 colour layouts): {value:.4f}")
+    return {"diversity": value, "images": len(items)}
+
+
+def cmd_tradeoff(args, ctx):
+    """Sweep one reward's positive target (the others stay at 1) and report every metric along the sweep."""
+    if args.reward not in ctx.names:
+        raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on {', '.join(ctx.names) or 'nothing'}")
+    values = [float(v) for v in args.values.split(",")]
+    if not all(0 <= v <= 1 for v in values):
+        raise ValueError("--values must lie in [0, 1]")
+    items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.n_per_prompt, args.min_per_task)
+    judges = ctx.judges()
+    sweep = {}
+    for v in values:
+        pos = ctx.pos.clone()
+        pos[ctx.names.index(args.reward)] = v
+        sweep[v] = flat_metrics(summarize(ctx.run(items, judges, pos=pos), items))
+    log(format_table({f"{args.reward}={v:g}": m for v, m in sweep.items()}, list(next(iter(sweep.values())))))
+    if args.rank == 0:
+        metrics = list(next(iter(sweep.values())))
+        plot_curves(args.out / "tradeoff.png", values, {m: {"MIRO": [sweep[v][m] for v in values]} for m in metrics},
+                    f"{args.reward} target")
+    return {"reward": args.reward, "sweep": {str(v): m for v, m in sweep.items()}}
+
+
+def cmd_tts(args, ctx):
+    """Best-of-N test-time scaling: max-n candidates per prompt once, then for N = 1, 2, 4, ... the candidate with
+    the highest --select-by reward among the first N; every metric of the selected images, MIRO vs the baseline."""
+    ns = [2 ** k for k in range(int(math.log2(args.max_n)) + 1)]
+    prompts = load_prompts(args.prompts, ctx.world)
+    items = repeat_prompts(prompts, args.max_n)
+    results = {}
+    for label, c in (("MIRO", ctx), ("baseline", Context(args, args.baseline) if args.baseline else None)):
+        if c is None:
+            continue
+        rows = c.run(items, c.judges(features=False))
+        by_prompt = {}
+        for row, it in zip(rows, items):
+            by_prompt.setdefault(it["index"], []).append((row, it))
+        curve = {}
+        for n in ns:
+            chosen = [max(cands[:n], key=lambda ri: ri[0]["rewards"][args.select_by]) for cands in by_prompt.values()]
+            curve[n] = flat_metrics(summarize([r for r, _ in chosen], [i for _, i in chosen]))
+        results[label] = curve
+    metrics = list(results["MIRO"][1])
+    for label, curve in results.items():
+        log(label)
+        log(format_table({f"N={n}": m for n, m in curve.items()}, metrics))
+    if args.rank == 0:
+        plot_curves(args.out / "tts.png", ns, {m: {lab: [c[n][m] for n in ns] for lab, c in results.items()}
+                                               for m in metrics}, f"N (best of, by {args.select_by})")
+    return {"select_by": args.select_by, "curves": {lab: {str(n): m for n, m in c.items()}
+                                                    for lab, c in results.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The headline experiment: baseline vs MIRO (and ablations) trained and evaluated on the built-in benchmark.
+
+CONVERGENCE_PRESETS = {  # full: ~45 min on 2 CPU cores; quick: a few minutes (just baseline and MIRO)
+    "full": dict(steps=1000, eval_every=100, n_per_prompt=4, min_per_task=16, sample_steps=25, ablations=True),
+    "quick": dict(steps=200, eval_every=100, n_per_prompt=2, min_per_task=8, sample_steps=10, ablations=False),
+}
+
+
+def convergence_runs(condition: list[str], ablations: bool) -> dict[str, list[str]]:
+    """Run name -> extra train.py flags: the baseline, MIRO on every reward, and (ablations) one model per single
+    reward and one leaving each reward out, all with the same seed, data, architecture and budget."""
+    runs = {"baseline": ["--no-rewards"], "miro": ["--rewards", ",".join(condition)]}
+    if ablations:
+        for r in condition:
+            runs[f"only_{r}"] = ["--rewards", r]
+        for r in condition:
+            runs[f"without_{r}"] = ["--rewards", ",".join(x for x in condition if x != r)]
+    return runs
+
+
+def train_runs(runs: dict[str, list[str]], common: list[str], out: Path, jobs: int):
+    """Train every run with train.py in subprocesses, `jobs` at a time (1 torch thread each when jobs > 1: two
+    single-thread runs beat one two-thread run on 2 cores). A finished run is skipped, a started one resumed."""
+    pending, active = list(runs.items()), []
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
+    while pending or active:
+        while pending and len(active) < jobs:
+            name, flags = pending.pop(0)
+            run = out / name
+            if (run / "done").exists():
+                continue
+            resume = ["--resume", str(run)] if (run / "ckpt.pt").exists() else []
+            cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--runs-dir", str(out), "--name", name,
+                   *common, *flags, *resume]
+            logfile = open(out / f"{name}.train.log", "a")
+            active.append((name, subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env), logfile))
+            log(f"training {name}: {' '.join(cmd[1:])}")
+        time.sleep(1)
+        for entry in list(active):
+            name, proc, logfile = entry
+            if proc.poll() is not None:
+                active.remove(entry)
+                logfile.close()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training {name} failed (exit {proc.returncode}); see {out / name}.train.log")
+                (out / name / "done").touch()
+                log(f"trained {name}")
+
+
+def cmd_convergence(args, _ctx=None):
+    """Train, evaluate every kept checkpoint of the baseline and MIRO and the final ones of the ablations, then
+    compute the paper's speedup for every metric and write the curves (PNG) and a Table-1-style table."""
+    preset = dict(CONVERGENCE_PRESETS["quick" if args.quick else "full"])
+    preset.update({k: v for k, v in (("steps", args.train_steps), ("eval_every", args.eval_every)) if v})
+    out = args.out
+    condition = [r for r in args.condition.split(",") if r]
+    runs = convergence_runs(condition, preset["ablations"] and not args.no_ablations)
+    common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(preset["steps"]),
+              "--keep-every", str(preset["eval_every"]), "--ckpt-every", str(preset["eval_every"]),
+              "--sample-every", "0", "--log-every", str(preset["eval_every"])]
+    t0 = time.time()
+    # Build and annotate the shared built-in data first: parallel runs would otherwise race to do it.
+    subprocess.run([sys.executable, str(Path(__file__).with_name("rewards.py")), "annotate"], check=True)
+    train_runs(runs, common, out, args.jobs)
+    train_minutes = (time.time() - t0) / 60
+
+    cache_path = out / "evals.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    args.steps, args.n_per_prompt, args.min_per_task = preset["sample_steps"], preset["n_per_prompt"], preset["min_per_task"]
+    args.judge_rewards = ",".join(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
+
+    def evaluate(run, step, targets=None):
+        key = f"{run}/{step}" + (f"/{targets}" if targets else "")
+        if key not in cache:
+            ckpt = out / run / (f"ckpt_{step}.pt" if step != preset["steps"] else "ckpt.pt")
+            args.rewards = targets or ""
+            ctx = Context(args, ckpt)
+            items = repeat_prompts(data.heldout_prompts(ctx.world), args.n_per_prompt, args.min_per_task)
+            cache[key] = flat_metrics(summarize(ctx.run(items, ctx.judges()), items))
+            cache_path.write_text(json.dumps(cache, indent=1))
+            log(f"evaluated {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in cache[key].items()))
+        return cache[key]
+
+    steps = list(range(preset["eval_every"], preset["steps"] + 1, preset["eval_every"]))
+    curves = {run: [evaluate(run, s) for s in steps] for run in ("baseline", "miro")}
+    metrics = list(curves["miro"][-1])
+    table = {"baseline": curves["baseline"][-1], "MIRO": curves["miro"][-1]}
+    tuned = {f"{r}=0.625": evaluate("miro", preset["steps"], f"{r}=0.625") for r in condition}
+    best = max(tuned, key=lambda t: tuned[t].get("geneval", -1))
+    table[f"MIRO, target {best}"] = tuned[best]
+    for run in runs:
+        if run not in ("baseline", "miro"):
+            table[run] = evaluate(run, preset["steps"])
+    speedups = {m: speedup(steps, [c[m] for c in curves["baseline"]], [c[m] for c in curves["miro"]])
+                for m in metrics if m != "diversity"}
+
+    log(format_table(table, metrics))
+    log("speedup (baseline steps / MIRO steps to reach the baseline's final value): " +
+          ", ".join(f"{m} {'not reached' if s is None else f'{s:.1f}x'}" for m, s in speedups.items()))
+    plot_curves(out / "convergence.png", steps,
+                {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
+                 for m in metrics}, "training step", "baseline vs MIRO on the held-out built-in prompts")
+    (out / "table.md").write_text(format_table(table, metrics) + "\n")
+    return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_targets": tuned,
+            "train_minutes": train_minutes, "preset": preset, "condition": condition}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+
+def parse_options(items: list[str], flag: str) -> dict:
+    """['name.key=value', ...] -> {name: {key: value}}; ValueError for malformed items."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"{flag} {item!r} is not of the form name.key=value")
+        options.setdefault(name, {})[key] = value
+    return options
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: the latest runs/*/ckpt.pt)")
-    p.add_argument("--n-per-prompt", type=int, default=4, help="images per held-out prompt (GenEval: 4)")
-    p.add_argument("--min-per-task", type=int, default=16,
-                   help="repeat the prompts of small tasks (the built-in single/two-object tasks hold out one "
-                        "composition each) until every task has at least this many images")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps")
-    p.add_argument("--rewards", default="", help="positive targets 'name=value,...' for an extra setting")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every setting)")
-    p.add_argument("--out", default=None, help="JSON with every number (default: RUN/eval.json)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    sub = p.add_subparsers(dest="command", required=True)
+    commands = {"geneval": "GenEval's protocol, images written in GenEval's folder layout",
+                "rewards": "mean and 95%% CI of every reward over a prompt set",
+                "diversity": "mean pairwise distance between the samples of each prompt",
+                "tradeoff": "sweep one reward's positive target and report every metric",
+                "tts": "best-of-N test-time scaling, MIRO vs the baseline",
+                "convergence": "train the baseline and MIRO (and ablations), curves, speedups and a table"}
+    for name, help_ in commands.items():
+        doc = globals()[f"cmd_{name}"].__doc__.replace("%", "%%")  # argparse formats help strings with %
+        s = sub.add_parser(name, help=help_, description=doc)
+        s.add_argument("--out", default=None, help="output folder (default: RUN/eval, or runs/convergence)")
+        s.add_argument("--seed", type=int, default=0, help="noise seed (training seed for convergence)")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+        s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
+        s.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                       help="an option for a judge reward, e.g. aesthetic.head=PATH (repeatable)")
+        s.add_argument("--detector", default="shapes", choices=["shapes", "mask2former"],
+                       help="GenEval detector: the built-in shapes detector or the real Mask2Former + CLIP")
+        s.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option for the detector, e.g. checkpoint=PATH (repeatable)")
+        s.add_argument("--judge-rewards", default=",".join(rewards.BUILTIN_REWARDS),
+                       help="rewards that judge the images (default: the built-in ones)")
+        s.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
+        s.add_argument("--rewards", default="", help="positive targets 'name=value,...' (default: all 1)")
+        if name == "convergence":
+            s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 200 steps: a few minutes")
+            s.add_argument("--train-steps", type=int, default=None, help="training budget of every run")
+            s.add_argument("--eval-every", type=int, default=None, help="evaluate a checkpoint every this many steps")
+            s.add_argument("--condition", default=",".join(rewards.BUILTIN_REWARDS),
+                           help="rewards MIRO is conditioned on")
+            s.add_argument("--no-ablations", action="store_true", help="skip the single-reward and leave-one-out runs")
+            s.add_argument("--jobs", type=int, default=2, help="training runs at a time (1 torch thread each)")
+            continue
+        s.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: the latest runs/*/ckpt.pt)")
+        s.add_argument("--prompts", default="heldout",
+                       help="'heldout' (the built-in world's held-out prompts) or a .jsonl (GenEval metadata), .tsv "
+                            "(PartiPrompts) or .txt prompt file")
+        s.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
+        s.add_argument("--min-per-task", type=int, default=16,
+                       help="repeat the prompts of small built-in tasks until each has this many images")
+        s.add_argument("--steps", type=int, default=50, help="Euler steps")
+        if name == "tradeoff":
+            s.add_argument("--reward", required=True, help="the reward whose positive target is swept")
+            s.add_argument("--values", default="0,0.25,0.5,0.75,1", help="targets of the sweep")
+        if name == "tts":
+            s.add_argument("--baseline", default=None, help="baseline checkpoint or run folder to compare with")
+            s.add_argument("--select-by", default="alignment", help="the reward that picks the best of N")
+            s.add_argument("--max-n", type=int, default=32, help="largest N (powers of two up to it)")
     args = p.parse_args(argv)
-    if args.n_per_prompt <= 0 or args.steps <= 0:
-        p.error("--n-per-prompt and --steps must be > 0")
+    for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0")
     if args.cfg is not None and args.cfg < 0:
         p.error("--cfg must be >= 0")
-    ckpt_path = Path(args.ckpt) if args.ckpt else latest_checkpoint()
-    if ckpt_path is None:
-        p.error("no checkpoint found under runs/; train one with `python train.py` or pass --ckpt")
-    ckpt_path = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     try:
-        ckpt = load_checkpoint(ckpt_path)
-        model, tokenizer = model_from_checkpoint(ckpt, ema=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        args.reward_options = parse_options(args.reward_option, "--reward-option")
+        args.detector_options = dict(parse_options([f"d.{o}" for o in args.detector_option],
+                                                   "--detector-option").get("d", {}))
+    except ValueError as e:
         p.error(str(e))
-    model = model.to(args.device).eval()
-    names = list(model.cfg.reward_names)
-    cfg = args.cfg if args.cfg is not None else ckpt["sampling"]["cfg"]
+    if args.command == "tts" and args.select_by not in args.judge_rewards.split(","):
+        args.judge_rewards += "," + args.select_by
+    return p, args
 
-    world = data.WorldConfig(**ckpt["world"])
-    prompts = heldout_images(data.heldout_prompts(world), args.n_per_prompt, args.min_per_task)
-    reward_models = {name: rewards.load_reward(name, device=args.device) for name in rewards.BUILTIN_REWARDS}
-    ones, zeros = torch.ones(len(names)), torch.zeros(len(names))
-    if names:
-        settings = {f"s_pos=1 (cfg {cfg:g})": (ones, zeros), "s_pos=0 (cfg 0)": (zeros, zeros)}
-        if args.rewards:
-            try:
-                settings[f"s_pos={args.rewards} (cfg {cfg:g})"] = (parse_reward_targets(args.rewards, names, 1.0), zeros)
-            except ValueError as e:
-                p.error(str(e))
-    else:
-        if args.rewards:
-            p.error("this checkpoint was trained without rewards (baseline); it takes no reward targets")
-        settings = {f"baseline (text cfg {cfg:g})": (ones, zeros)}
 
-    rows = {}
-    for label, (pos, neg) in settings.items():
-        w = 0.0 if (pos == neg).all() and names else cfg
-        images, rows[label] = evaluate_setting(model, tokenizer, prompts, pos, neg, w, args.steps, args.seed,
-                                               args.device, reward_models)
-        save_grid(images[:64], ckpt_path.parent / f"eval_{len(rows)}.png", ncols=8)
-    print(f"{ckpt_path} (step {ckpt['step']}), {len(prompts)} images of {len(set(m['prompt'] for m in prompts))} "
-          f"held-out prompts")
-    print(format_table(rows, rewards.BUILTIN_REWARDS, data.TASKS))
-    out = Path(args.out) if args.out else ckpt_path.parent / "eval.json"
-    out.write_text(json.dumps({"checkpoint": str(ckpt_path), "step": ckpt["step"], "settings": rows}, indent=2))
-    print(f"wrote {out}")
+def main(argv=None):
+    parser, args = parse_args(argv)
+    args.rank, _ = init_distributed()
+    try:
+        ctx = None if args.command == "convergence" else Context(args)
+        default_out = Path("runs/convergence") if ctx is None else ctx.path.parent / "eval"
+        args.out = Path(args.out) if args.out else default_out
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = globals()[f"cmd_{args.command}"](args, ctx)
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        parser.error(str(e).strip("'\""))
+    if args.rank == 0:
+        path = args.out / f"{args.command}.json"
+        path.write_text(json.dumps({"command": args.command, "checkpoint": str(ctx.path) if ctx else None,
+                                    "step": ctx.ckpt["step"] if ctx else None, **result}, indent=1))
+        log(f"wrote {path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

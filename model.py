@@ -7,17 +7,22 @@ Conventions (written once, used everywhere):
 - The condition sequence is [registers, reward tokens, text tokens], so M = num_registers + R + L.
 
 Layout: text tokenizer -> embedders (timestep, patch, reward, text) -> norms/attention/MLP -> condition
-transformer -> DiT block -> final layer -> MIRO -> config and presets. `python model.py` prints the parameter
-count of each preset.
+transformer -> DiT block -> final layer -> MIRO -> config and presets -> checkpoints -> frozen text encoders
+(FLAN-T5, CLIP), the SDXL VAE and their on-disk caches. `python model.py` prints the parameter count of each preset.
 """
 import argparse
 import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
 import math
 import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -207,8 +212,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         if self.swiglu:
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
+            h = kernels.swiglu(h)  # silu(a) * b, [a | b] = h; one fused kernel on CUDA
         else:
             h = F.gelu(h, approximate="tanh")
         return self.fc2(h)
@@ -380,6 +384,31 @@ class MIRO(nn.Module):
         cond, cond_mask = self.encode_condition(text, text_mask, rewards, drop_rewards)
         return self.denoise(x, t, cond, cond_mask)
 
+    def flops_per_image(self):
+        """Forward FLOPs for one image: every matrix multiply (linear layers, the patch projection, attention's
+        QK^T and AV) at 2 FLOPs per multiply-add, over the padded condition (M = registers + rewards +
+        max_text_len tokens); norms, softmax and elementwise ops are not counted. A training step is ~3x this,
+        and MFU = 3 * flops_per_image * images/s / peak FLOP/s (engineering.md's accounting, counted exactly)."""
+        cfg = self.cfg
+        N, M = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_registers + len(cfg.reward_names) + cfg.max_text_len
+
+        def linears(module, tokens):  # multiply-adds of every nn.Linear in `module`, applied to `tokens` tokens
+            return tokens * sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+        def attention(queries, keys):  # QK^T and AV
+            return 2 * queries * keys * cfg.width
+
+        macs = linears(self.text_embedder, cfg.max_text_len) + linears(self.reward_embedders, 1)
+        macs += linears(self.t_embedder, 1) + N * self.x_embedder.proj.weight.numel()
+        for block in self.cond_blocks:
+            macs += linears(block, M) + attention(M, M)
+        for block in self.blocks:
+            macs += linears(block.adaLN_modulation, 1) + linears(block.attn, N) + attention(N, N)
+            macs += linears(block.cross_attn.q, N) + linears(block.cross_attn.kv, M) + linears(block.cross_attn.proj, N)
+            macs += attention(N, M) + linears(block.mlp, N)
+        macs += linears(self.final_layer.adaLN_modulation, 1) + linears(self.final_layer.linear, N)
+        return 2 * macs
+
 
 def count_parameters(module):
     """Number of parameters (buffers such as the Fourier frequencies excluded)."""
@@ -473,10 +502,14 @@ def get_config(name, **overrides):
 #################################################################################
 
 def save_checkpoint(path, state):
-    """torch.save to `path`.tmp then os.replace, so a crash never leaves a torn checkpoint behind."""
+    """torch.save to `path`.tmp, fsync, then os.replace: a crash (even a power cut) at any moment leaves the old
+    checkpoint or the new one at `path`, never a torn file (a stale .tmp is simply overwritten next time)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -488,8 +521,9 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torn or foreign files raise several exception types; report one
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # torn or foreign files raise several exception types, some multi-line: report one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read checkpoint {path} (truncated, or not a torch checkpoint): {first}") from e
 
 
 def model_from_checkpoint(ckpt, ema=True):
@@ -499,9 +533,15 @@ def model_from_checkpoint(ckpt, ema=True):
         cfg = ModelConfig(**ckpt["config"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint has no valid model config: {e}") from e
+    missing = [k for k in ("ema" if ema else "model", "tokenizer") if k not in ckpt]
+    if missing:
+        raise ValueError(f"not a MIRO checkpoint: no {', '.join(missing)}")
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = MIRO(cfg)
-    model.load_state_dict(ckpt["ema" if ema else "model"], assign=True)
+    try:
+        model.load_state_dict(ckpt["ema" if ema else "model"], assign=True)
+    except RuntimeError as e:  # missing / unexpected keys or shapes: a weights-config mismatch, in one line
+        raise ValueError(f"checkpoint weights do not fit its config: {' '.join(str(e).split())[:300]}") from e
     return model.eval(), WordTokenizer.from_state_dict(ckpt["tokenizer"])
 
 
@@ -516,6 +556,404 @@ def main():
         tokens = (cfg.image_size // cfg.patch_size) ** 2
         print(f"{name:>6}: {count_parameters(model) / 1e6:8.2f}M parameters  (width {cfg.width}, depth "
               f"{cfg.depth}, heads {cfg.num_heads}, {tokens} image tokens, {len(cfg.reward_names)} rewards)")
+
+
+#################################################################################
+#             Frozen text encoders, SDXL latents and their caches               #
+#################################################################################
+# Frozen encoders live outside the generator and hand it float inputs:
+# - text: encoder(captions) -> (features float32 (B, L, dim), mask bool (B, L)), L = encoder.max_length, for a MIRO
+#   config with vocab_size=0 and text_dim=encoder.dim. Features at padded positions are exactly zero (the model
+#   ignores them: the key padding mask), so cached and computed batches agree everywhere.
+# - images: SDXLVAE.encode(images in [-1, 1]) -> normalised latents (B, 4, H/8, W/8) for in_channels=4 and
+#   image_size=H/8; SDXLVAE.decode inverts it.
+# Every encoder is frozen (eval, requires_grad False, run under no_grad), runs in bf16 on CUDA (precision="fp32" to
+# turn it off; the CPU always runs fp32), takes a hub id (downloaded by its library) or a local folder in the same
+# layout, and loads strictly: a missing, unexpected or mis-shaped key is a one-line ValueError.
+
+def _compute_dtype(device, precision):
+    """bf16 on CUDA unless precision="fp32"; fp32 on the CPU (where bf16 is slow and buys nothing)."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
+    return torch.bfloat16 if torch.device(device).type == "cuda" and precision == "bf16" else torch.float32
+
+
+def _check_loading(source, cls, info):
+    """ValueError unless from_pretrained(..., output_loading_info=True) used every tensor of `source` exactly."""
+    bad = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
+    if bad:
+        raise ValueError(f"{source}: weights do not match {cls.__name__}: {bad}")
+
+
+class T5TextEncoder:
+    """Frozen (FLAN-)T5 encoder: the last hidden states of T5EncoderModel, padded/truncated to max_length tokens
+    (the paper: 256 in training, 77 at inference), EOS included. The encoder runs only up to the batch's longest
+    caption (a real token's state does not depend on masked padding) and the output is zero-padded to max_length:
+    web captions are mostly under 40 tokens, so this is several times cheaper than running 256. `source` holds a
+    full T5 checkpoint (as on the hub); T5EncoderModel skips the decoder's tensors."""
+
+    def __init__(self, source="google/flan-t5-xl", max_length=256, device="cpu", precision="bf16"):
+        from transformers import AutoTokenizer, T5EncoderModel
+        model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)
+        _check_loading(source, T5EncoderModel, info)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.device, self.max_length = torch.device(device), int(max_length)
+        self.model = model.to(self.device, _compute_dtype(device, precision)).eval().requires_grad_(False)
+        self.dim = model.config.d_model
+        self.name = f"t5:{source}"
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        t = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_length,
+                           return_tensors="pt")
+        ids, mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device).bool()  # (B, l), l <= L
+        h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, l, dim)
+        pad = self.max_length - ids.shape[1]
+        return F.pad(h.masked_fill(~mask[..., None], 0.0), (0, 0, 0, pad)), F.pad(mask, (0, pad))  # (B, L, ...)
+
+
+class CLIPTextEncoder:
+    """Frozen CLIP text tower (open_clip; OpenAI ViT-L/14 by default, QuickGELU as trained): the per-token hidden
+    states after ln_final (not the pooled, projected vector), over CLIP's 77-token context. The causal attention
+    makes a token's state independent of what follows it; the mask marks start-of-text .. end-of-text.
+    checkpoint / model_config: local weights and a custom architecture, as `rewards.load_open_clip` takes them."""
+
+    def __init__(self, arch="ViT-L-14", pretrained="openai", checkpoint=None, model_config=None, device="cpu",
+                 precision="bf16"):
+        import open_clip
+        import rewards  # one home for open_clip loading (strict local weights, custom configs, QuickGELU)
+        model = rewards.load_open_clip(arch, pretrained, checkpoint, model_config, quick_gelu=True, device="cpu").model
+        if not hasattr(model, "token_embedding"):
+            raise ValueError(f"{arch}: only open_clip's built-in CLIP text tower is supported, not a custom text model")
+        del model.visual  # the image tower is not needed (0.3B parameters for ViT-L/14)
+        self.tokenizer = open_clip.get_tokenizer(Path(model_config).stem if model_config else arch)
+        self.device = torch.device(device)
+        self.model = model.to(self.device, _compute_dtype(device, precision)).eval().requires_grad_(False)
+        self.dim, self.max_length = model.transformer.width, model.context_length
+        self.name = f"clip:{Path(model_config).stem if model_config else arch}:{checkpoint or pretrained}"
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        m = self.model
+        tokens = self.tokenizer(list(captions)).to(self.device)  # (B, 77): SOT, words, EOT, zeros (truncated: EOT last)
+        eot = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1)  # first end-of-text
+        mask = torch.arange(tokens.shape[1], device=self.device)[None] <= eot[:, None]  # (B, 77)
+        x = m.token_embedding(tokens) + m.positional_embedding  # (B, 77, width)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask)).float()  # as CLIP.encode_text, before pooling
+        return x.masked_fill(~mask[..., None], 0.0), mask
+
+
+TEXT_ENCODERS = {"t5": T5TextEncoder, "clip": CLIPTextEncoder}
+
+
+def load_text_encoder(name, device="cpu", **options):
+    """A frozen text encoder by name ("t5", "clip") with its constructor's options (source=, max_length=, ...), or
+    None for "builtin": the model's own trainable word embedding, fed by a WordTokenizer."""
+    if name == "builtin":
+        return None
+    if name not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; known: builtin, {', '.join(TEXT_ENCODERS)}")
+    return _construct(TEXT_ENCODERS[name], f"text encoder {name}", device, options)
+
+
+def _construct(cls, what, device, options):
+    """cls(device=device, **options), where an unknown or missing option is a ValueError naming `what`."""
+    try:
+        inspect.signature(cls).bind(device=device, **options)
+    except TypeError as e:
+        raise ValueError(f"{what}: {e}") from e
+    return cls(device=device, **options)
+
+
+def trim_padding(features, mask):
+    """Cut a batch to its longest real sequence: the model's output does not change (the padding is masked), the
+    condition transformer and the cross-attention get cheaper (FLAN-T5 captions are mostly far below 256 tokens)."""
+    length = max(int(mask.sum(dim=1).max()), 1)
+    return features[:, :length], mask[:, :length]
+
+
+# SDXL VAE latents. The one definition of the latent normalisation (method.md; per channel, measured on SDXL VAE
+# latents): z_n = (z - LATENT_MEAN) / LATENT_STD * LATENT_SCALE, so every channel has mean 0 and std 0.5; z is a
+# SAMPLE of the posterior N(mean, std^2). diffusers' single `scaling_factor` (0.13025) is not used.
+LATENT_MEAN = (-0.3480, 0.3754, 0.0419, 2.4331)
+LATENT_STD = (7.8518, 5.8465, 6.8716, 5.3140)
+LATENT_SCALE = 0.5
+
+
+def key_generator(key, seed=0):
+    """A CPU torch.Generator seeded from (seed, key): a sample's posterior noise depends on nothing else (not the
+    batch, rank or device), so cached and recomputed latents agree."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class SDXLVAE:
+    """Frozen SDXL VAE (diffusers AutoencoderKL, stabilityai/sdxl-vae): [-1, 1] images (B, 3, H, W) <-> normalised
+    latents (B, 4, H/8, W/8). Runs under bf16 autocast on CUDA (GroupNorm stays fp32; the fp16 overflow of this VAE
+    does not occur in bf16), sampling and normalisation in fp32."""
+
+    def __init__(self, source="stabilityai/sdxl-vae", subfolder=None, device="cpu", precision="bf16"):
+        from diffusers import AutoencoderKL
+        model, info = AutoencoderKL.from_pretrained(source, subfolder=subfolder, output_loading_info=True,
+                                                    low_cpu_mem_usage=False)
+        _check_loading(source, AutoencoderKL, info)
+        if model.config.latent_channels != len(LATENT_MEAN):
+            raise ValueError(f"{source}: {model.config.latent_channels} latent channels, the SDXL normalisation has "
+                             f"{len(LATENT_MEAN)}")
+        self.device = torch.device(device)
+        self.bf16 = _compute_dtype(device, precision) == torch.bfloat16
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.factor = 2 ** (len(model.config.block_out_channels) - 1)  # 8 for SDXL
+        self.name = f"sdxl-vae:{source}" + (f"/{subfolder}" if subfolder else "")
+
+    def latent_shape(self, image_size):
+        return (len(LATENT_MEAN), image_size // self.factor, image_size // self.factor)
+
+    @staticmethod
+    def normalize(z):
+        mean, std = (z.new_tensor(v).view(1, -1, 1, 1) for v in (LATENT_MEAN, LATENT_STD))
+        return (z - mean) / std * LATENT_SCALE
+
+    @staticmethod
+    def denormalize(z_n):
+        mean, std = (z_n.new_tensor(v).view(1, -1, 1, 1) for v in (LATENT_MEAN, LATENT_STD))
+        return z_n / LATENT_SCALE * std + mean
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+
+    @torch.no_grad()
+    def encode(self, images, generator=None):
+        """images float (B, 3, H, W) in [-1, 1] -> normalised posterior samples (B, 4, H/8, W/8) float32.
+        generator: a CPU torch.Generator, or a list of one per image (see `key_generator`); None = global RNG."""
+        with self._autocast():
+            posterior = self.model.encode(images.to(self.device)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(mean):
+                raise ValueError(f"{len(generator)} generators for {len(mean)} images")
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generator])  # a stream per image
+        else:
+            eps = torch.randn(mean.shape, generator=generator)  # (B, 4, h, w), drawn on the CPU
+        return self.normalize(mean + std * eps.to(self.device))
+
+    @torch.no_grad()
+    def decode(self, z_n):
+        """Normalised latents (B, 4, h, w) -> images float32 (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+        with self._autocast():
+            return self.model.decode(self.denormalize(z_n.to(self.device).float())).sample.float()
+
+
+def load_vae(name, device="cpu", **options):
+    """The latent space by name: None for "none" (pixel space), an SDXLVAE for "sdxl" (options: source=,
+    subfolder=, precision=)."""
+    if name == "none":
+        return None
+    if name != "sdxl":
+        raise ValueError(f"unknown VAE {name!r}; known: none, sdxl")
+    return _construct(SDXLVAE, "VAE sdxl", device, options)
+
+
+# Caches of frozen-encoder outputs, one folder each:
+#   meta.json        what was encoded and how; a resumed precompute or a reader with other settings is a ValueError
+#   chunk-{W}x{r}-{i}.safetensors   written whole (tmp + rename) by rank r of W: "data" = its samples' items
+#                    concatenated on dim 0 (fp16 by default), "offsets" (n + 1,) int64, and its keys (JSON metadata)
+#   index.npy / index.json   sorted keys -> (chunk, row) over every rank's chunks / the chunk names it covers,
+#                    merged by rank 0 once all ranks are done; readers memory-map it (shared by dataloader workers)
+# A text item is one caption's real tokens (length, dim): padding is never stored. A latent item is (1, 4, h, w).
+# A crash loses at most the chunks being written; a resumed precompute skips every key found in a complete chunk.
+
+EMPTY_CAPTION_KEY = ""  # every text cache also holds the empty caption (text dropout, the baseline's negative prompt)
+
+
+def _chunk_names(root):
+    return sorted(p.name for p in Path(root).glob("chunk-*.safetensors"))
+
+
+def _chunk_keys(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["keys"])
+
+
+def merge_cache_index(root):
+    """Write index.npy (sorted utf-8 keys, chunk, row) and index.json (the chunk names) over every chunk file;
+    ValueError if a key is stored twice."""
+    from data import _atomic_write
+    root = Path(root)
+    chunks = _chunk_names(root)
+    keys, chunk_ids, rows = [], [], []
+    for c, name in enumerate(chunks):
+        names = _chunk_keys(root / name)
+        keys += names
+        chunk_ids += [c] * len(names)
+        rows += range(len(names))
+    encoded = np.array([k.encode() for k in keys] or [b""])[: len(keys)]
+    index = np.empty(len(keys), dtype=[("key", encoded.dtype), ("chunk", "<i4"), ("row", "<i8")])
+    index["key"], index["chunk"], index["row"] = encoded, chunk_ids, rows
+    index.sort(order="key")
+    twice = np.flatnonzero(index["key"][1:] == index["key"][:-1])
+    if len(twice):
+        raise ValueError(f"{root}: key {index['key'][twice[0]].decode()!r} is stored in two chunks")
+    _atomic_write(root / "index.npy", lambda f: np.save(f, index))
+    _atomic_write(root / "index.json", lambda f: f.write(json.dumps({"chunks": chunks, "count": len(keys)}).encode()))
+
+
+class ArrayCache:
+    """Reads a cache folder: .meta, len(), key in cache, items(keys) -> list of float32 tensors (len_i, ...)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        if not (self.root / "meta.json").is_file():
+            raise FileNotFoundError(f"no cache at {self.root} (meta.json missing)")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        index_json = self.root / "index.json"
+        self.chunks = _chunk_names(self.root)
+        if not index_json.is_file() or json.loads(index_json.read_text())["chunks"] != self.chunks:
+            raise ValueError(f"{self.root}: the index is missing or does not cover the chunk files; finish the "
+                             f"precompute (rank 0 merges the index at the end) or call merge_cache_index")
+        self.index = np.load(self.root / "index.npy", mmap_mode="r")
+        self._open = {}  # chunk id -> (safetensors handle, offsets), opened lazily in each process
+
+    def __getstate__(self):  # dataloader workers open their own handles
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self):
+        return len(self.index)
+
+    def _find(self, key):
+        k = key.encode()
+        i = int(np.searchsorted(self.index["key"], k))
+        if i == len(self.index) or self.index["key"][i] != k:
+            return None
+        return int(self.index["chunk"][i]), int(self.index["row"][i])
+
+    def __contains__(self, key):
+        return self._find(key) is not None
+
+    def items(self, keys):
+        from safetensors import safe_open
+        out = []
+        for key in keys:
+            found = self._find(key)
+            if found is None:
+                raise KeyError(f"key {key!r} is not in the cache {self.root}")
+            c, row = found
+            if c not in self._open:
+                f = safe_open(self.root / self.chunks[c], "pt")
+                self._open[c] = (f, f.get_tensor("offsets").tolist())
+            f, offsets = self._open[c]
+            out.append(f.get_slice("data")[offsets[row]: offsets[row + 1]].float())
+        return out
+
+
+class TextEmbeddingCache:
+    """Cached text features: cache(keys) -> (features float32 (B, max_length, dim), mask (B, max_length)), the batch
+    the encoder that filled it (.name, .dim, .max_length) returns for those captions, within fp16 rounding."""
+
+    def __init__(self, root):
+        self.cache = ArrayCache(root)
+        meta = self.cache.meta
+        if meta.get("kind") != "text":
+            raise ValueError(f"{root} is not a text-embedding cache (kind {meta.get('kind')!r})")
+        self.name, self.dim, self.max_length = meta["encoder"], meta["dim"], meta["max_length"]
+
+    def __call__(self, keys):
+        items = self.cache.items(keys)
+        features = torch.zeros(len(items), self.max_length, self.dim)
+        mask = torch.zeros(len(items), self.max_length, dtype=torch.bool)
+        for i, x in enumerate(items):  # the real tokens come first (right padding)
+            features[i, : len(x)], mask[i, : len(x)] = x, True
+        return features, mask
+
+
+class LatentCache:
+    """Cached normalised SDXL latents: cache(keys) -> (B, 4, h, w) float32, equal to SDXLVAE.encode(images,
+    [key_generator(key, .seed) for key in keys]) within fp16 rounding."""
+
+    def __init__(self, root):
+        self.cache = ArrayCache(root)
+        meta = self.cache.meta
+        if meta.get("kind") != "latent":
+            raise ValueError(f"{root} is not a latent cache (kind {meta.get('kind')!r})")
+        self.name, self.image_size, self.seed = meta["vae"], meta["image_size"], meta["seed"]
+
+    def __call__(self, keys):
+        return torch.cat(self.cache.items(keys))
+
+
+def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_size=64, chunk_size=1024,
+                     dtype=torch.float16):
+    """Encode (key, item) records into the cache folder `root`, alone or as one rank of a torchrun job; returns how
+    many samples this rank encoded. Every rank iterates the same records and takes every world_size-th one from
+    the rank-th, skipping keys already cached (resume, under any world size). encode(keys, items) -> one tensor
+    (len_i, ...) per item. When all ranks are done (a barrier if torch.distributed is initialised: give the
+    process group a timeout longer than the slowest rank's work), rank 0 merges the index."""
+    from safetensors.torch import save
+    from data import _atomic_write
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps({**meta, "dtype": str(dtype).removeprefix("torch.")}))  # as read back from JSON
+    if (root / "meta.json").is_file():
+        old = json.loads((root / "meta.json").read_text())
+        if old != meta:
+            diff = {k: (old.get(k), meta.get(k)) for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)}
+            raise ValueError(f"{root} holds another cache (cached, wanted): {diff}")
+    elif rank == 0:
+        _atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    done = {k for name in _chunk_names(root) for k in _chunk_keys(root / name)}
+    prefix = f"chunk-{world_size}x{rank:04d}-"
+    n_chunks = sum(name.startswith(prefix) for name in _chunk_names(root))
+    mine = (r for i, r in enumerate(records) if i % world_size == rank and r[0] not in done)
+    keys, items, written = [], [], 0
+    while True:
+        batch = list(itertools.islice(mine, batch_size))
+        if batch:
+            batch_keys, batch_items = map(list, zip(*batch))
+            keys += batch_keys
+            items += [x.to("cpu", dtype) for x in encode(batch_keys, batch_items)]
+        while len(keys) >= chunk_size or (keys and not batch):  # full chunks, then the remainder at the end
+            data = torch.cat(items[:chunk_size])
+            if not torch.isfinite(data).all():
+                raise ValueError(f"non-finite values after casting to {dtype} (overflow?); try dtype=bfloat16")
+            offsets = torch.tensor([0] + [len(x) for x in items[:chunk_size]]).cumsum(0)
+            blob = save({"data": data, "offsets": offsets}, metadata={"keys": json.dumps(keys[:chunk_size])})
+            _atomic_write(root / f"{prefix}{n_chunks:06d}.safetensors", lambda f: f.write(blob))
+            n_chunks, written = n_chunks + 1, written + len(keys[:chunk_size])
+            del keys[:chunk_size], items[:chunk_size]
+        if not batch:
+            break
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        merge_cache_index(root)
+    return written
+
+
+def precompute_text_embeddings(root, records, encoder, rank=0, world_size=1, batch_size=64, chunk_size=1024,
+                               dtype=torch.float16):
+    """Cache encoder(captions) for (key, caption) records (plus the empty caption under EMPTY_CAPTION_KEY): only each
+    caption's real tokens are stored; TextEmbeddingCache pads them back to encoder.max_length."""
+    def encode(keys, captions):
+        features, mask = encoder(captions)
+        return [f[: int(m.sum())] for f, m in zip(features, mask)]
+    meta = {"kind": "text", "encoder": encoder.name, "dim": encoder.dim, "max_length": encoder.max_length}
+    records = itertools.chain([(EMPTY_CAPTION_KEY, "")], records)
+    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype)
+
+
+def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_size=1, batch_size=64,
+                       chunk_size=4096, dtype=torch.float16):
+    """Cache normalised SDXL latents for (key, image float (3, image_size, image_size) in [-1, 1]) records, each
+    sampled from its posterior with key_generator(key, seed) (so the same on any rank, batch or rerun)."""
+    def encode(keys, images):
+        x = torch.stack(images)
+        if x.shape[-2:] != (image_size, image_size):
+            raise ValueError(f"images must be {image_size}x{image_size}, got {tuple(x.shape[-2:])}")
+        return list(vae.encode(x, [key_generator(k, seed) for k in keys])[:, None])  # (1, 4, h, w) each
+    meta = {"kind": "latent", "vae": vae.name, "image_size": image_size, "seed": seed,
+            "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE}
+    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype)
 
 
 if __name__ == "__main__":

@@ -46,20 +46,24 @@ def euler_sample(velocity, noise, steps=50):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, rewards_pos=None, rewards_neg=None, neg_prompts=None, cfg=3.0,
-             steps=50, seed=0, device="cpu", batch_size=64):
+             steps=50, seed=0, device="cpu", batch_size=64, seeds=None):
     """Sample one image per prompt; returns float images (N, C, H, W) in [-1, 1] on the CPU.
 
     rewards_pos / rewards_neg: (N, R) targets in [0, 1] (None for a baseline). neg_prompts: the captions of the
     negative branch (default: the prompts themselves for MIRO, the empty caption for a baseline). Both branches go
     through the network as one batched forward; the condition sequence is encoded once and reused at every step.
+    seeds: one noise seed per image (image i then does not depend on which other images share its call: sharded
+    evaluation reproduces one process); by default all noise comes from one generator seeded with `seed`.
     """
     cfg_model = model.cfg
     n = len(prompts)
     if neg_prompts is None:
         neg_prompts = list(prompts) if cfg_model.reward_names else [""] * n
-    generator = torch.Generator().manual_seed(seed)
-    shape = (n, cfg_model.in_channels, cfg_model.image_size, cfg_model.image_size)
-    noise = torch.randn(shape, generator=generator)
+    shape = (cfg_model.in_channels, cfg_model.image_size, cfg_model.image_size)
+    if seeds is None:
+        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    else:
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     images = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
@@ -138,6 +142,21 @@ def latest_checkpoint(runs_dir="runs"):
     """The most recently written runs/*/ckpt.pt, or None."""
     candidates = sorted(Path(runs_dir).glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
+
+
+def open_checkpoint(ckpt=None, ema=True):
+    """Resolve a checkpoint file / run folder / None (the latest run) and build its sampling model.
+    Returns (ckpt_path, checkpoint dict, model, tokenizer); FileNotFoundError / ValueError say what is wrong."""
+    path = Path(ckpt) if ckpt else latest_checkpoint()
+    if path is None:
+        raise FileNotFoundError("no checkpoint found under runs/; train one with `python train.py` or pass --ckpt")
+    path = path / "ckpt.pt" if path.is_dir() else path
+    try:
+        checkpoint = load_checkpoint(path)
+        model, tokenizer = model_from_checkpoint(checkpoint, ema=ema)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return path, checkpoint, model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,21 +7,25 @@ Launch:
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
              --rdzv_id=miro train.py --preset paper ...                              # several nodes
     python train.py --resume runs/miro                # continue a run where its last checkpoint left it
+    python train.py --data "shards/{00000..00099}.tar" --synthetic-caption-prob 0.5   # real data (data.py's formats)
 
 Conventions: x_t = (1 - t) x0 + t eps with t = 0 data and t = 1 noise; the network predicts v = eps - x0 and the
 loss is the MSE to it. Reward conditioning values are in [0, 1] (bin k of B is k / (B - 1)). Samples come from the
 EMA weights. The global batch is split evenly over ranks (and gradient-accumulation micro-steps).
 
 A run folder holds config.json (every setting), log.txt, samples/step_*.png and ckpt.pt (model, EMA, optimizer,
-scheduler, step, RNG state, bin edges, tokenizer), written atomically by rank 0 alone.
+scheduler, step, bin edges, tokenizer), written atomically by rank 0 alone. The step's random numbers
+(timesteps, noise, dropout) are drawn for the whole global batch from a generator seeded by (seed, step), and each
+rank takes the rows of its own samples: the result does not depend on the number of ranks, on gradient
+accumulation or on where a run was resumed (tests/test_reliability.py checks all three).
 """
 import argparse
 import contextlib
 import dataclasses
 import json
+import itertools
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,8 +37,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import kernels
 import rewards
-from model import MIRO, PRESETS, WordTokenizer, count_parameters, get_config, load_checkpoint, save_checkpoint
+from model import (MIRO, PRESETS, ModelConfig, WordTokenizer, count_parameters, get_config, load_checkpoint,
+                   save_checkpoint)
 from sample import generate, save_grid
 
 
@@ -57,6 +63,8 @@ class TrainConfig:
     sample_every: int = 700         # preview grid of held-out prompts every this many steps (0: never)
     ckpt_every: int = 400           # overwrite run/ckpt.pt every this many steps
     keep_every: int = 0             # also keep run/ckpt_<step>.pt every this many steps (0: never)
+    on_nan: str = "stop"            # a non-finite loss or gradient: "stop" (exit 1, last checkpoint kept) or "skip"
+    max_nan_skips: int = 10         # with on_nan=skip: stop after this many non-finite steps in a row
 
 
 TRAIN_PRESETS = {
@@ -102,12 +110,46 @@ def ema_decay(decay, step):
     return min(decay, (1 + step) / (10 + step))
 
 
+def step_draws(seed, step, batch_size, image_shape, num_rewards, tc):
+    """The random numbers of one optimizer step for all `batch_size` samples of the global batch, in global batch
+    order: timesteps (B,), noise (B, *image_shape), text keep (B,) and reward drop (B, R) coins. The generator is
+    seeded by (seed, step) alone, so every rank draws the same numbers (and takes its own rows) and a resumed run
+    needs no saved RNG state."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**32)  # the CPU generator keeps 32 seed bits
+    t = sample_timesteps(batch_size, tc.time_sampling, g)
+    noise = torch.randn(batch_size, *image_shape, generator=g)
+    keep_text = torch.rand(batch_size, generator=g) >= tc.text_dropout
+    drop_rewards = torch.rand(batch_size, num_rewards, generator=g) < tc.reward_dropout
+    return t, noise, keep_text, drop_rewards
+
+
 def lr_factor(step, warmup, total):
     """Linear warm-up to 1, then cosine decay to 0 at `total`."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed accounting: MFU = 3 x forward FLOPs (model.flops_per_image) x images/s per GPU / the GPU's dense bf16 peak
+# (also in fp32 runs, whose matmuls use TF32). The backward counts as 2x the forward; nothing is recomputed.
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak of one SXM GPU
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of `device`, or None where unknown (CPUs, GPUs not in PEAK_BF16_FLOPS)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu_percent(model, images_per_s, peak):
+    """Model FLOPs utilisation in % of `peak`, for `images_per_s` training images per second on one device."""
+    return 100 * 3 * model.flops_per_image() * images_per_s / peak
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,12 +168,30 @@ def parse_args(argv=None):
                    help="built-in dataset folder (default: runs/_data/shapes<size>_n<N>_seed<S>; built if missing)")
     p.add_argument("--num-train", type=int, default=20000, help="size of the built-in training set")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in world")
+    p.add_argument("--data", default=None,
+                   help="train on a real dataset instead of the built-in world: an image folder, a .jsonl/.csv "
+                        "manifest, a folder of WebDataset .tar shards or a pattern like 'shards/{00000..00099}.tar' "
+                        "(data.py's docstring has the layouts)")
+    p.add_argument("--annotations", default=None,
+                   help="--data: rewards.py annotate's annotations.jsonl, joined by sample key (default: "
+                        "annotations.jsonl in the --data folder, or beside the manifest / shards)")
+    p.add_argument("--missing-rewards", default="skip", choices=["skip", "lowest"],
+                   help="--data: samples without every reward score are skipped, or trained at the lowest bin")
+    p.add_argument("--synthetic-caption-prob", type=float, default=0.0,
+                   help="--data: probability of training on a sample's synthetic_caption (when it has one) with the "
+                        "rewards scored on it (columns name@synthetic_caption); the paper: 0.5")
+    p.add_argument("--min-image-size", type=int, default=0,
+                   help="--data: skip images whose shorter side is below this many pixels (default 0: keep all)")
+    p.add_argument("--data-workers", type=int, default=4, help="--data: dataloader worker processes per rank")
     p.add_argument("--num-bins", type=int, default=64, help="reward bins B (value k/(B-1))")
     p.add_argument("--binning", default="quantile", choices=["quantile", "uniform"], help="bin edges")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off on CPU)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="fp32, or bf16 autocast (float32 weights and optimizer); default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--kernels", default="auto", choices=kernels.IMPLS,
+                   help="fused CUDA kernels of kernels/ (auto: when on CUDA and they build) or the PyTorch reference")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; minutes of compilation)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         p.add_argument(flag, type=field.type, default=None,
@@ -147,13 +207,29 @@ def parse_args(argv=None):
               (0 <= train_cfg.reward_dropout < 1, "--reward-dropout must be in [0, 1)"),
               (train_cfg.cfg >= 0, "--cfg must be >= 0"), (args.num_bins >= 2, "--num-bins must be >= 2"),
               (args.num_train > 0, "--num-train must be > 0"),
-              (train_cfg.time_sampling in ("logit_normal", "uniform"), "--time-sampling: logit_normal or uniform")]
+              (0 <= args.synthetic_caption_prob <= 1, "--synthetic-caption-prob must be in [0, 1]"),
+              (args.min_image_size >= 0, "--min-image-size must be >= 0"),
+              (args.data_workers >= 0, "--data-workers must be >= 0"),
+              (args.data is None or args.data_dir is None, "--data and --data-dir exclude each other"),
+              (train_cfg.time_sampling in ("logit_normal", "uniform"), "--time-sampling: logit_normal or uniform"),
+              (train_cfg.warmup >= 0, "--warmup must be >= 0"), (train_cfg.grad_clip > 0, "--grad-clip must be > 0"),
+              (train_cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+              (train_cfg.log_every > 0, "--log-every must be > 0"),
+              (train_cfg.ckpt_every > 0, "--ckpt-every must be > 0"),
+              (train_cfg.sample_every >= 0, "--sample-every must be >= 0"),
+              (train_cfg.keep_every >= 0, "--keep-every must be >= 0"),
+              (train_cfg.on_nan in ("stop", "skip"), "--on-nan: stop or skip"),
+              (train_cfg.max_nan_skips >= 0, "--max-nan-skips must be >= 0")]
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        checks.append((False, f"--device: {e}"))
     for ok, message in checks:
         if not ok:
             p.error(message)
     args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
     unknown = [r for r in args.reward_names if r not in rewards.BUILTIN_REWARDS]
-    if unknown:
+    if unknown and args.data is None:  # --data: checked against the annotation columns instead
         p.error(f"unknown reward(s) {', '.join(unknown)}; the built-in data has: {', '.join(rewards.BUILTIN_REWARDS)}")
     if not args.no_rewards and not args.reward_names:
         p.error("--rewards is empty; use --no-rewards for the baseline")
@@ -161,6 +237,28 @@ def parse_args(argv=None):
         train_cfg.text_dropout = 0.1  # the baseline guides with an empty prompt, so it must see some
     args.name = args.name or ("baseline" if args.no_rewards else "miro")
     return p, args, train_cfg
+
+
+def prepare_real_data(args, image_size, rank, world_size, reward_names, resume_bins):
+    """--data: a data.RecordDataset streaming this rank's share, rewards joined by key from the annotations (bins
+    fitted on them for a new run, the checkpoint's when resuming); returns (dataset, bins or None)."""
+    source = data.open_dataset(args.data, min_size=args.min_image_size)
+    table, bins = None, None
+    if reward_names:
+        folder = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
+        path = Path(args.annotations) if args.annotations else folder / rewards.ANNOTATIONS
+        annotations = rewards.load_annotations(path)
+        if not annotations:
+            raise FileNotFoundError(f"no annotations in {path}: run rewards.py annotate on --data first, or give "
+                                    f"--annotations (or train the baseline with --no-rewards)")
+        bins = (rewards.RewardBins.from_dict(resume_bins) if resume_bins else
+                rewards.RewardBins.fit(data.annotation_scores(annotations, reward_names), num_bins=args.num_bins,
+                                       method=args.binning, seed=args.data_seed))
+        table = data.RewardTable(annotations, bins)
+    dataset = data.RecordDataset(source, image_size, table, args.missing_rewards, args.synthetic_caption_prob,
+                                 rank, world_size, seed=args.seed, report=True,
+                                 shuffle_buffer=256 if source.format == "webdataset" else 0)
+    return dataset, bins
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,10 +276,10 @@ class Logger:
             self.file.flush()
 
 
-def endless_batches(dataset, sampler, micro_steps_done):
-    """This rank's batches from the data position that `micro_steps_done` micro-batches reach, epoch after epoch
-    (each pass over the sampler continues with the next epoch), so a resumed run sees the same data."""
-    sampler.set_position(*divmod(micro_steps_done, len(sampler)))
+def endless_batches(dataset, sampler, steps_done):
+    """This rank's batches (one per optimizer step) from the data position that `steps_done` steps reach, epoch
+    after epoch (each pass over the sampler continues with the next epoch), so a resumed run sees the same data."""
+    sampler.set_position(*divmod(steps_done, len(sampler)))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate)
     while True:
         yield from loader
@@ -198,6 +296,46 @@ def prepare_builtin_data(args, image_size, rank):
     if dist.is_initialized():
         dist.barrier()
     return world, data_dir, data.ImageTextSamples(data_dir)
+
+
+CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins")
+
+
+def resume_config(ckpt, wanted, preset):
+    """The model config of a checkpoint to resume, checked against `wanted` (what --preset and --rewards ask
+    for); ValueError says what differs and which preset would match (vocab_size is exempt: the tokenizer sets it)."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"not a train.py checkpoint (no {', '.join(missing)})")
+    try:
+        cfg = ModelConfig(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the checkpoint's model config is not valid here: {e}") from None
+    if cfg.reward_names != wanted.reward_names:
+        raise ValueError(f"the checkpoint conditions on {list(cfg.reward_names)}, not {list(wanted.reward_names)}")
+    if cfg.reward_names and not ckpt["bins"]:
+        raise ValueError("the checkpoint has no reward bins")
+    diff = [f"{f.name} {getattr(cfg, f.name)} (--preset {preset}: {getattr(wanted, f.name)})"
+            for f in dataclasses.fields(cfg)
+            if f.name != "vocab_size" and getattr(cfg, f.name) != getattr(wanted, f.name)]
+    if diff:
+        same = [n for n in PRESETS if dataclasses.replace(get_config(n, reward_names=cfg.reward_names),
+                                                          vocab_size=cfg.vocab_size) == cfg]
+        hint = f"; resume with --preset {same[0]}" if same else ""
+        raise ValueError(f"the checkpoint is another model: {', '.join(diff[:3])}{', ...' * (len(diff) > 3)}{hint}")
+    return cfg
+
+
+def bins_mismatch(bins, path):
+    """Rewards whose edges in `path` (a data folder's bins.json) differ from `bins` (all of them if the file is
+    unreadable); [] when the file is absent or agrees."""
+    if not Path(path).exists():
+        return []
+    try:
+        edges = rewards.RewardBins.load(path).to_dict()["edges"]
+    except (OSError, ValueError, KeyError):
+        return list(bins.names)
+    return [n for n in bins.names if edges.get(n) != bins.to_dict()["edges"][n]]
 
 
 def main(argv=None):
@@ -223,7 +361,12 @@ def main(argv=None):
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
     micro_batch = tc.batch_size // micro_batches
-    use_bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
+    use_bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    kernels.set_impl(args.kernels)
+    try:
+        kernels_used = kernels.describe(device)  # builds the CUDA kernels once per machine (others wait)
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--kernels {args.kernels}: {e}")
 
     # --- run folder and resume ---
     resume_ckpt = None
@@ -237,21 +380,27 @@ def main(argv=None):
         run_dir = resume_path.parent
     else:
         run_dir = Path(args.runs_dir) / args.name
-    if rank == 0:
-        try:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            parser.error(f"cannot create run folder {run_dir}: {e}")
-    log = Logger(run_dir / "log.txt", rank)
-
-    # --- model ---
     model_cfg = get_config(args.preset, reward_names=args.reward_names)
     if resume_ckpt is not None:
-        model_cfg = type(model_cfg)(**resume_ckpt["config"])
-        if tuple(model_cfg.reward_names) != args.reward_names:
-            parser.error(f"--resume: the checkpoint conditions on {list(model_cfg.reward_names)}, "
-                         f"not {list(args.reward_names)}")
-    world, data_dir, samples = prepare_builtin_data(args, model_cfg.image_size, rank)
+        try:
+            model_cfg = resume_config(resume_ckpt, model_cfg, args.preset)
+        except ValueError as e:
+            parser.error(f"--resume {resume_path}: {e}")
+    try:
+        if rank == 0:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        log = Logger(run_dir / "log.txt", rank)
+    except OSError as e:
+        parser.error(f"cannot write the run folder {run_dir}: {e}")
+
+    # --- model ---
+    try:
+        if args.data is None:
+            world, data_dir, samples = prepare_builtin_data(args, model_cfg.image_size, rank)
+        else:  # the world config stays in config.json / the checkpoint; nothing is built
+            world, data_dir = data.WorldConfig(image_size=model_cfg.image_size), args.data
+    except OSError as e:
+        parser.error(f"cannot prepare the data: {e}")
     tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
     torch.manual_seed(args.seed)
@@ -263,57 +412,84 @@ def main(argv=None):
 
     # --- data: reward scores -> bin values in [0, 1] ---
     reward_values, bins = None, None
-    if model_cfg.reward_names:
+    if model_cfg.reward_names and args.data is None:
         annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
         scores = {name: [annotations.get(key, {}).get(name, float("nan")) for key in samples.keys]
                   for name in model_cfg.reward_names}  # a missing score is NaN, which the binner maps to 0
         if resume_ckpt is not None:  # the run keeps its bin edges, so sampling targets keep their meaning
             bins = rewards.RewardBins.from_dict(resume_ckpt["bins"])
+            differ = bins_mismatch(bins, data_dir / "bins.json")
+            if differ:
+                log(f"warning: {data_dir / 'bins.json'} has other bin edges for {differ} than the checkpoint; "
+                    "the run keeps the checkpoint's, so reward values keep their meaning")
         else:
-            bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning, seed=args.data_seed)
+            try:
+                bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning,
+                                              seed=args.data_seed)
+            except ValueError as e:
+                parser.error(f"cannot fit the reward bins: {e}")
         reward_values = bins.values(scores)
-    dataset = data.MiroDataset(samples, reward_values)
-    sampler = data.ShardedSampler(len(dataset), micro_batch, rank=rank, world_size=world_size, seed=args.seed)
-    steps_per_epoch = len(sampler) // tc.grad_accum
+    if args.data is None:
+        dataset = data.MiroDataset(samples, reward_values)
+        if len(dataset) < tc.batch_size:
+            parser.error(f"the dataset has {len(dataset)} samples, fewer than one global batch ({tc.batch_size})")
+        # One sampler batch is this rank's share of a global batch: ShardedSampler deals each global batch
+        # round-robin, so this rank holds positions rank, rank + world_size, ... (`mine` below); micro-steps split it.
+        sampler = data.ShardedSampler(len(dataset), micro_batch * tc.grad_accum, rank=rank, world_size=world_size,
+                                      seed=args.seed)
+        steps_per_epoch = len(sampler)
+        data_summary = f"{len(dataset)} samples ({steps_per_epoch} steps/epoch)"
+    else:  # a stream: this rank's share of each epoch, decoded by --data-workers processes
+        try:
+            dataset, bins = prepare_real_data(args, model_cfg.image_size, rank, world_size, model_cfg.reward_names,
+                                              resume_ckpt["bins"] if resume_ckpt is not None else None)
+        except (OSError, ValueError) as e:
+            parser.error(f"--data: {e}")
+        plain = dataset.rewards.plain_for[data.SYNTHETIC] if dataset.rewards is not None and args.synthetic_caption_prob \
+            else []
+        if plain:
+            log(f"synthetic captions: no '@{data.SYNTHETIC}' scores for {plain}, so their scores on the real caption "
+                f"are used (right for image-only rewards)")
+        data_summary = f"{dataset.source.format} data {args.data} (streamed, {args.data_workers} workers per rank)"
 
     # --- optimisation ---
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup, tc.steps))
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, timesteps and dropout
-    start_step = 0
+    start_step, nan_skipped = 0, 0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         ema.load_state_dict(resume_ckpt["ema"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
-        generator.set_state(resume_ckpt["rng"][rank] if rank < len(resume_ckpt["rng"]) else resume_ckpt["rng"][0])
-        start_step = resume_ckpt["step"]
-        log(f"resumed {run_dir} at step {start_step}")
+        start_step, nan_skipped = resume_ckpt["step"], resume_ckpt.get("nan_skipped", 0)
+        if distributed:  # a stale copy of the checkpoint on one node would silently train a different model
+            steps = [None] * world_size
+            dist.all_gather_object(steps, start_step)
+            if len(set(steps)) > 1:
+                raise SystemExit(f"--resume: the ranks loaded checkpoints of different steps {steps}")
+        log(f"resumed {run_dir} at step {start_step} on all {world_size} rank(s)")
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
+    train_model = torch.compile(train_model) if args.compile else train_model  # checkpoints keep the bare model
 
     meta = {"train": dataclasses.asdict(tc), "model": dataclasses.asdict(model_cfg), "world": dataclasses.asdict(world),
             "data_dir": str(data_dir), "world_size": world_size, "args": vars(args)}
     if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        data._atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
     heldout = [m["prompt"] for m in data.heldout_prompts(world)]
     preview_prompts = heldout[:: max(1, len(heldout) // 8)][:8]  # 8 held-out prompts spread over the tasks
 
     def checkpoint(step):
-        """Everything needed to resume exactly, and to sample: written by rank 0 after gathering RNG states."""
-        rng = [generator.get_state()]
-        if distributed:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, generator.get_state())
-            rng = gathered
-        if rank == 0:
-            save_checkpoint(run_dir / "ckpt.pt", {
-                "config": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.state_dict(),
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng,
-                "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
-                "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc)})
-            if tc.keep_every and step % tc.keep_every == 0:
-                shutil.copyfile(run_dir / "ckpt.pt", run_dir / f"ckpt_{step:07d}.pt")
+        """Everything needed to resume exactly, and to sample: written by rank 0 (each file atomically)."""
+        if rank != 0:
+            return
+        state = {"config": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.state_dict(),
+                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step, "nan_skipped": nan_skipped,
+                 "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
+                 "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc)}
+        save_checkpoint(run_dir / "ckpt.pt", state)
+        if tc.keep_every and step % tc.keep_every == 0:
+            save_checkpoint(run_dir / f"ckpt_{step:07d}.pt", state)
 
     def preview(step):
         if rank != 0 or not tc.sample_every:
@@ -327,52 +503,69 @@ def main(argv=None):
 
     # --- the loop ---
     log(f"training {tc.steps} steps, global batch {tc.batch_size} = {world_size} ranks x {tc.grad_accum} accum x "
-        f"{micro_batch}, {len(dataset)} samples ({steps_per_epoch} steps/epoch), device {device}, bf16 {use_bf16}")
+        f"{micro_batch}, {data_summary}, device {device}, bf16 {use_bf16}")
+    log(f"kernels: {kernels_used}; compile {args.compile}; {model.flops_per_image() / 1e9:.3g} GFLOP per image forward")
+    peak = peak_flops(device)
     train_start, last_log, loss_sum, loss_count = time.time(), time.time(), 0.0, 0
-    step = start_step
-    batches = endless_batches(dataset, sampler, step * tc.grad_accum)
+    step, nan_streak = start_step, 0
+    if args.data is None:
+        batches = endless_batches(dataset, sampler, step)
+    else:
+        batches = data.stream_batches(dataset, micro_batch * tc.grad_accum, args.data_workers, resume=step)
+        first = next(batches)
+        preview_prompts, batches = first[1][:8], itertools.chain([first], batches)  # the first training captions
+    mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
     model.train()
     while step < tc.steps:
+        images, captions, reward_batch = next(batches)
+        t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
+            args.seed, step, tc.batch_size, images.shape[1:], len(model_cfg.reward_names), tc))
+        step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
-            images, captions, reward_batch = next(batches)
-            n = images.shape[0]
-            if tc.text_dropout > 0:
-                keep = torch.rand(n, generator=generator) >= tc.text_dropout
-                captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-            ids, mask = tokenizer(captions)
+            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            ids, mask = tokenizer([c if k else "" for c, k in zip(captions[part], keep_text[part].tolist())])
             condition = {"text": ids.to(device), "text_mask": mask.to(device)}
             if model_cfg.reward_names:
-                condition["rewards"] = reward_batch.to(device)
+                condition["rewards"] = reward_batch[part].to(device)
                 if tc.reward_dropout > 0:
-                    drop = torch.rand(reward_batch.shape, generator=generator) < tc.reward_dropout
-                    condition["drop_rewards"] = drop.to(device)
-            t = sample_timesteps(n, tc.time_sampling, generator)
-            noise = torch.randn(images.shape, generator=generator)
+                    condition["drop_rewards"] = drop_rewards[part].to(device)
             sync = not distributed or micro == tc.grad_accum - 1
             with train_model.no_sync() if not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = flow_matching_loss(train_model, images.to(device), t.to(device), noise.to(device),
-                                              **condition)
+                    loss = flow_matching_loss(train_model, images[part].to(device), t[part].to(device),
+                                              noise[part].to(device), **condition)
                 (loss / tc.grad_accum).backward()
-            if not torch.isfinite(loss):
-                log(f"non-finite loss {loss.item()} at step {step}; stopping, the last checkpoint is kept")
-                sys.exit(1)
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
+        finite = torch.isfinite(torch.stack([step_loss, grad_norm])).all().float()
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN is every rank's: they decide together
+        step += 1
+        if finite.item():
+            optimizer.step()
+            update_ema(ema, model, ema_decay(tc.ema_decay, step))
+            nan_streak, loss_sum, loss_count = 0, loss_sum + step_loss.item(), loss_count + tc.grad_accum
+        else:  # the step keeps its number, batch and learning rate, but model, optimizer and EMA stay unchanged
+            nan_streak, nan_skipped = nan_streak + 1, nan_skipped + 1
+            what = f"non-finite loss {step_loss.item() / tc.grad_accum:.4g} / grad norm {grad_norm.item():.4g}"
+            if tc.on_nan == "stop" or nan_streak > tc.max_nan_skips:
+                why = "--on-nan stop" if tc.on_nan == "stop" else f"{nan_streak} non-finite steps in a row"
+                log(f"error: {what} at step {step}; stopping ({why}), the last checkpoint is kept")
+                sys.exit(1)
+            log(f"step {step}: {what}; skipped ({nan_streak} in a row, {nan_skipped} in all)")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        step += 1
-        update_ema(ema, model, ema_decay(tc.ema_decay, step))
 
         if step % tc.log_every == 0 or step == tc.steps:
             now = time.time()
-            mean_loss = torch.tensor(loss_sum / loss_count, device=device)
+            mean_loss = torch.tensor(loss_sum / loss_count if loss_count else float("nan"), device=device)
             if distributed:
                 dist.all_reduce(mean_loss)  # the logged loss is the mean over ranks
                 mean_loss /= world_size
+            images_per_s = tc.log_every * tc.batch_size / (now - last_log)
+            mfu = f"  MFU {mfu_percent(model, images_per_s / world_size, peak):.1f}%" if peak else ""
             log(f"step {step:7d}/{tc.steps}  loss {mean_loss.item():.4f}  grad {grad_norm.item():.3f}  "
-                f"lr {scheduler.get_last_lr()[0]:.2e}  {tc.log_every * tc.batch_size / (now - last_log):.0f} img/s")
+                f"lr {scheduler.get_last_lr()[0]:.2e}  {images_per_s:.0f} img/s{mfu}")
             last_log, loss_sum, loss_count = now, 0.0, 0
         if tc.sample_every and step % tc.sample_every == 0:
             preview(step)
@@ -380,8 +573,8 @@ def main(argv=None):
             checkpoint(step)
 
     preview(step)
-    log(f"done: {step} steps in {(time.time() - train_start) / 60:.1f} min of training, "
-        f"{(time.time() - wall_start) / 60:.1f} min wall time in all; checkpoint {run_dir / 'ckpt.pt'}")
+    log(f"done: {step} steps ({nan_skipped} skipped as non-finite) in {(time.time() - train_start) / 60:.1f} min "
+        f"of training, {(time.time() - wall_start) / 60:.1f} min wall time in all; checkpoint {run_dir / 'ckpt.pt'}")
     if distributed:
         dist.destroy_process_group()
 

@@ -1,29 +1,125 @@
-"""Ops that later get fused CUDA kernels, called by model.py through this module.
+"""The DiT's memory-bound ops, each with a pure-PyTorch reference (reference.py: the spec and the CPU path) and a
+fused CUDA kernel (csrc/, loaded by cuda.py), as stylegan3's torch_utils/ops.
 
-Today every op runs its pure-PyTorch reference (`kernels/reference.py`), which is also the specification the
-tests check. A later issue adds CUDA implementations with the same signatures, built lazily once and cached,
-selected here (`impl="cuda"`) with a fallback to the reference when CUDA or the build is unavailable.
+Ops (x, y (B, N, D) tokens; shift, scale, gate (B, D) per-sample vectors broadcast over the N tokens):
+    norm_modulate(x, shift, scale, weight=None, norm="layer"|"rms")  norm(x) [* weight] * (1 + scale) + shift
+    gated_residual(x, gate, y)                                       x + gate * y
+    swiglu(h)                                                        silu(a) * b, [a | b] = h split in halves
+
+Implementation, per call (`impl=`) or for the process (`set_impl`, train.py's --kernels):
+    "torch"  the reference.
+    "cuda"   the CUDA kernels, built on first use; bad inputs (CPU tensors, float64, mixed dtypes) and a failed
+             build raise a clear error.
+    "auto"   (default) the CUDA kernels for CUDA float32/bfloat16 inputs when they build, else the reference:
+             silently for CPU tensors (the designed CPU path), with one warning when CUDA inputs fall back (failed
+             build, unsupported dtype). Under torch.compile, auto leaves the ops to Inductor, which fuses the
+             reference with its neighbours; "cuda" keeps the custom ops (traced as single ops, no graph break).
 """
-from . import reference
+import warnings
 
-IMPLS = ("ref",)  # the implementations available today
+import torch
+
+from . import cuda, reference
+
+IMPLS = ("auto", "cuda", "torch")
+_settings = {"impl": "auto"}
+_warned = set()
 
 
-def _check(impl):
+def set_impl(impl):
+    """Set the implementation used when a call passes no `impl`; returns the previous one."""
+    _check_impl(impl)
+    previous, _settings["impl"] = _settings["impl"], impl
+    return previous
+
+
+def get_impl():
+    return _settings["impl"]
+
+
+def _check_impl(impl):
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel impl {impl!r}; available: {', '.join(IMPLS)}")
 
 
-def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6, impl="ref"):
-    """norm(x) * (1 + scale[:, None]) + shift[:, None], x (B,N,D), shift/scale (B,D); see reference.py."""
-    _check(impl)
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _unsupported(tensors):
+    """Why the CUDA kernels cannot take these inputs, or None."""
+    devices = {t.device for t in tensors}
+    if any(d.type != "cuda" for d in devices) or len(devices) > 1:
+        return f"the CUDA kernels need inputs on one CUDA device, got {', '.join(sorted(map(str, devices)))}"
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        return f"the CUDA kernels need one dtype for all inputs, got {', '.join(sorted(map(str, dtypes)))}"
+    if dtypes.pop() not in (torch.float32, torch.bfloat16):
+        return f"the CUDA kernels take float32 or bfloat16, got {tensors[0].dtype}"
+    return None
+
+
+def _use_cuda(op, impl, tensors):
+    """Decide between the CUDA kernels and the reference for one call (see the module docstring)."""
+    impl = _settings["impl"] if impl is None else impl
+    _check_impl(impl)
+    if impl == "torch" or (impl == "auto" and torch.compiler.is_compiling()):
+        return False
+    reason = _unsupported(tensors)
+    if impl == "cuda":
+        if reason:
+            raise ValueError(f"kernels.{op} with impl='cuda': {reason}")
+        cuda.load()  # RuntimeError with the build's error if it failed
+        return True
+    if reason:
+        if tensors[0].is_cuda:  # CPU inputs take the reference by design, silently
+            _warn_once(f"kernels.{op}: {reason}; using the PyTorch reference")
+        return False
+    if not cuda.available():
+        _warn_once(f"kernels: using the PyTorch reference, {cuda.error()}")
+        return False
+    return True
+
+
+def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6, impl=None):
+    """norm(x) [* weight] * (1 + scale[:, None]) + shift[:, None]: x (B, N, D), shift/scale (B, D), weight (D,)
+    or None; norm "layer" or "rms" over D without affine terms, in float32. See reference.py."""
+    reference.check_norm(norm)
+    tensors = [x, shift, scale] + ([] if weight is None else [weight])
+    if _use_cuda("norm_modulate", impl, tensors):
+        return cuda.norm_modulate(x, shift, scale, weight, norm == "rms", eps)
     return reference.norm_modulate(x, shift, scale, weight, norm, eps)
 
 
-def gated_residual(x, gate, y, impl="ref"):
-    """x + gate[:, None] * y, x/y (B,N,D), gate (B,D); see reference.py."""
-    _check(impl)
+def gated_residual(x, gate, y, impl=None):
+    """x + gate[:, None] * y: x/y (B, N, D), gate (B, D). See reference.py."""
+    if _use_cuda("gated_residual", impl, [x, gate, y]):
+        return cuda.gated_residual(x, gate, y)
     return reference.gated_residual(x, gate, y)
 
 
-__all__ = ["norm_modulate", "gated_residual", "IMPLS"]
+def swiglu(h, impl=None):
+    """silu(a) * b with a, b = h.chunk(2, dim=-1): h (..., 2H) -> (..., H). See reference.py."""
+    if _use_cuda("swiglu", impl, [h]):
+        return cuda.swiglu(h)
+    return reference.swiglu(h)
+
+
+def describe(device):
+    """One line for logs: which implementation the ops use on `device` under the current setting (building the
+    CUDA kernels first if they would be used). For impl 'cuda': ValueError off CUDA, RuntimeError if the build fails."""
+    impl, device = _settings["impl"], torch.device(device)
+    if impl == "cuda" and device.type != "cuda":
+        raise ValueError(f"kernels impl 'cuda' needs a CUDA device, got {device.type}")
+    if impl == "torch" or device.type != "cuda":
+        return f"PyTorch reference (--kernels {impl}, device {device.type})"
+    if impl == "cuda":
+        cuda.load()
+    elif not cuda.available():
+        return f"PyTorch reference (--kernels auto; {cuda.error()})"
+    return f"fused CUDA kernels (--kernels {impl}; torch.compile uses {'them' if impl == 'cuda' else 'Inductor'})"
+
+
+__all__ = ["norm_modulate", "gated_residual", "swiglu", "set_impl", "get_impl", "describe", "IMPLS"]

@@ -1,11 +1,11 @@
 """Pure-PyTorch reference implementations of the ops that `kernels/` fuses.
 
-These functions are the specification of each op and the path used on CPU. A later issue adds CUDA
-implementations with exactly the same signatures; `kernels/__init__.py` will dispatch to them and the tests
-will compare their outputs and gradients against these references (stylegan3 `torch_utils/ops` style).
+These functions are the specification of each op and the path used on CPU; the CUDA kernels (csrc/) compute the
+same values and gradients, and the tests compare them against these references (stylegan3 `torch_utils/ops` style).
 
-Shapes: x, y (B, N, D) token sequences; shift, scale, gate (B, D) per-sample vectors broadcast over N.
-Low-precision inputs (fp16/bf16) are normalised in float32 and the result is cast back to x.dtype.
+Shapes: x, y (B, N, D) token sequences; shift, scale, gate (B, D) per-sample vectors broadcast over N; h (..., 2H).
+Low-precision inputs (fp16/bf16) are computed in float32 and the result is cast back to the input dtype, as the
+kernels do (float32 inputs take exactly the eager ops the model used before, so CPU training is unchanged).
 """
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def check_norm(norm):
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+
+
 def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6):
     """y = norm(x) * (1 + scale[:, None]) + shift[:, None]; norm is LayerNorm or RMSNorm over D.
 
     The norm has no learned affine parameters (as in DiT's adaLN) unless `weight` (D,) is given, in which case
     norm(x) is multiplied by it before modulation.
     """
-    if norm not in ("layer", "rms"):
-        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    check_norm(norm)
     dt = _compute_dtype(x.dtype)
     xf, w = x.to(dt), None if weight is None else weight.to(dt)
     if norm == "layer":
@@ -35,5 +39,13 @@ def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6):
 
 
 def gated_residual(x, gate, y):
-    """x + gate[:, None] * y: the gated residual update of an adaLN-Zero block."""
-    return x + gate.unsqueeze(1) * y
+    """x + gate[:, None] * y: the gated residual update of an adaLN-Zero block (dtype: eager type promotion)."""
+    out_dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
+    dt = _compute_dtype(out_dtype)
+    return (x.to(dt) + gate.to(dt).unsqueeze(1) * y.to(dt)).to(out_dtype)
+
+
+def swiglu(h):
+    """silu(a) * b with a, b = h.chunk(2, dim=-1): the gate of a SwiGLU MLP, (..., 2H) -> (..., H)."""
+    a, b = h.to(_compute_dtype(h.dtype)).chunk(2, dim=-1)
+    return (F.silu(a) * b).to(h.dtype)

@@ -1,5 +1,5 @@
-"""Tests of rewards.py: binning, the built-in rewards (pair rankings, detector accuracy), annotation, CLI."""
-import json
+"""Tests of rewards.py: binning, the built-in rewards (pair rankings, detector accuracy). The annotation pass and
+the command line: test_annotate.py."""
 
 import numpy as np
 import pytest
@@ -208,81 +208,3 @@ def test_alignment_on_the_training_distribution():
     samples = [data.make_sample(i, CFG) for i in range(300)]
     good, bad = alignment_pairs([s["image"] for s in samples], [s["truth"] for s in samples])
     assert (good > bad).float().mean() >= 0.9
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Annotation.
-
-class FakeSamples:
-    def __init__(self, n):
-        rng = np.random.default_rng(0)
-        self.keys = [f"k{i}" for i in range(n)]
-        self.captions = [f"caption {i}" for i in range(n)]
-        self.images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-
-    def __len__(self):
-        return len(self.keys)
-
-    def images_01(self, idx):
-        return torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 255
-
-
-class CountingReward:
-    """Mean brightness; counts the images it scores. Returns NaN for caption 3 (a failed score)."""
-
-    def __init__(self, name, offset=0.0):
-        self.name, self.offset, self.calls = name, offset, 0
-
-    def __call__(self, images, captions):
-        self.calls += len(captions)
-        s = images.mean((1, 2, 3)) + self.offset
-        return torch.where(torch.tensor([c == "caption 3" for c in captions]), torch.nan, s)
-
-
-def test_annotate_resumes_after_torn_line_and_adds_rewards(tmp_path):
-    samples = FakeSamples(10)
-    a = CountingReward("a")
-    first = rewards.annotate(samples, [a], tmp_path, batch_size=4, progress=False)
-    assert a.calls == 10 and len(first) == 10 and np.isnan(first["k3"]["a"])
-    path = tmp_path / "annotations.jsonl"
-    lines = path.read_bytes().splitlines(keepends=True)
-    path.write_bytes(b"".join(lines[:6]) + lines[6][:15])  # crash while writing the 7th row
-
-    assert set(rewards.load_annotations(path)) == {f"k{i}" for i in range(6)}  # the torn line is ignored
-    a2 = CountingReward("a")
-    again = rewards.annotate(samples, [a2], tmp_path, batch_size=4, progress=False)
-    assert a2.calls == 4  # only k6..k9
-    assert {k: v["a"] for k, v in again.items() if k != "k3"} == {k: v["a"] for k, v in first.items() if k != "k3"}
-    assert all(json.loads(line) for line in path.read_text().splitlines())  # every line parses
-
-    a3, b = CountingReward("a"), CountingReward("b", offset=1.0)
-    both = rewards.annotate(samples, [a3, b], tmp_path, batch_size=4, progress=False)
-    assert a3.calls == 0 and b.calls == 10
-    assert both["k0"]["b"] == pytest.approx(both["k0"]["a"] + 1.0)
-    bins = RewardBins.load(tmp_path / "bins.json")
-    assert bins.names == ("a", "b") and bins.num_bins == 64
-    values = bins.values({n: [both[k][n] for k in samples.keys] for n in bins.names})
-    assert values[3].tolist() == [0, 0] and values.max() == 1  # NaN -> 0
-    loaded = rewards.load_annotations(path)  # rows of a key merge: every key has both rewards
-    assert loaded.keys() == both.keys() and all(loaded[k].keys() == {"a", "b"} for k in loaded)
-
-
-def test_annotate_built_in_world_and_cli(tmp_path, capsys):
-    cfg = data.WorldConfig(num_train=64)
-    data.build_shapes_dataset(cfg, tmp_path)
-    rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,contrast", "--num-bins", "8",
-                  "--binning", "uniform"])
-    assert "wrote" in capsys.readouterr().out
-    bins = RewardBins.load(tmp_path / "bins.json")
-    assert bins.names == ("alignment", "contrast") and bins.method == "uniform" and bins.num_bins == 8
-    ann = rewards.load_annotations(tmp_path / "annotations.jsonl")
-    assert len(ann) == 64 and all(0 <= v["alignment"] <= 1 for v in ann.values())
-
-    with pytest.raises(SystemExit):
-        rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,nope"])
-    err = capsys.readouterr().err
-    assert f"error: unknown reward(s) nope; known rewards: {', '.join(rewards.REWARDS)}" in err
-    assert "Traceback" not in err
-    with pytest.raises(SystemExit):
-        rewards.main(["annotate", "--data-dir", str(tmp_path / "missing")])
-    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""Benchmark the ops of kernels/ (fused CUDA vs eager PyTorch vs torch.compile) and the training step.
+
+    python -m kernels.bench                 # CUDA: DiT-XL/2 op shapes, the paper preset's step; CPU: small sizes
+    python -m kernels.bench --json out.json # also write the numbers
+
+Ops, at DiT-XL/2 shapes on CUDA (batch 32, 256 tokens, width 1152, SwiGLU hidden 3072, bf16) and small float32
+shapes on a CPU: median time of the forward (no grad) and of forward + backward (torch.autograd.grad, so no .grad
+accumulation is timed), and the effective bandwidth: the bytes an ideal fused op moves (each (B, N, D) tensor read
+or written once: norm_modulate 2 forward + 3 backward, gated_residual 3 + 3, swiglu 3 + 5 tensors of (B, N, H))
+divided by the time, next to the device's copy bandwidth measured in the same run (dst.copy_(src) of one (B, N, D)
+tensor: read + write).
+
+Training step of a preset (paper on CUDA, in bf16 autocast; cpu on a CPU, float32): forward, backward and AdamW
+step on random inputs with kernels off (the reference, eager), on (fused CUDA), and torch.compile (Inductor fusing the
+reference); images/s and MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak (train.py).
+Timings are medians within one run; other processes on the machine change absolute numbers, not ratios much.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import kernels
+from kernels import cuda
+
+
+def timed(fn, device, warmup=3, iters=20):
+    """Median milliseconds of fn() (CUDA events around each call on a GPU, wall time on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, numel, dtype):
+    """GB/s of dst.copy_(src) (read + write) for tensors of `numel` elements: the speed of light for ops on such
+    tensors (at DiT-XL/2 sizes on an H100 a (B, N, D) bf16 tensor is 19 MB, partly L2-resident)."""
+    src = torch.randn(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, iters=10)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ops
+
+def op_cases(B, N, D, H, dtype, device):
+    """(name, fn(impl, *inputs), inputs, forward bytes, forward + backward bytes) at the given sizes."""
+    x, y = (torch.randn(B, N, D, device=device, dtype=dtype) for _ in range(2))
+    shift, scale, gate = torch.randn(B, 6 * D, device=device, dtype=dtype).chunk(6, dim=1)[:3]  # adaLN chunks
+    h = torch.randn(B, N, 2 * H, device=device, dtype=dtype)
+    S, SH = x.numel() * x.element_size(), B * N * H * h.element_size()
+    return [
+        ("norm_modulate LayerNorm", lambda impl, x, s, c: kernels.norm_modulate(x, s, c, norm="layer", impl=impl),
+         (x, shift, scale), 2 * S, 5 * S),
+        ("norm_modulate RMSNorm", lambda impl, x, s, c: kernels.norm_modulate(x, s, c, norm="rms", impl=impl),
+         (x, shift, scale), 2 * S, 5 * S),
+        ("gated_residual", lambda impl, x, g, y: kernels.gated_residual(x, g, y, impl=impl), (x, gate, y),
+         3 * S, 6 * S),
+        ("swiglu", lambda impl, h: kernels.swiglu(h, impl=impl), (h,), 3 * SH, 8 * SH),
+    ]
+
+
+def bench_op(fn, inputs, device):
+    """(forward ms, forward + backward ms) of fn(*inputs)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grad = torch.randn_like(fn(*leaves))
+
+    def forward():
+        with torch.no_grad():
+            fn(*leaves)
+
+    iters = 20 if device.type == "cuda" else 10
+    return (timed(forward, device, iters=iters),
+            timed(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device, iters=iters))
+
+
+def bench_ops(device, variants, sizes, dtype, copy_gbps):
+    rows = []
+    for name, fn, inputs, fwd_bytes, total_bytes in op_cases(*sizes, dtype, device):
+        results = {}
+        for variant in variants:
+            if variant == "compile":
+                torch._dynamo.reset()
+                run = torch.compile(lambda *a, fn=fn: fn("torch", *a))
+            else:
+                run = lambda *a, fn=fn, impl=("torch" if variant == "eager" else "cuda"): fn(impl, *a)
+            results[variant] = bench_op(run, inputs, device)
+        for variant, (fwd, total) in results.items():
+            rows.append({"op": name, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": total,
+                         "fwd_GBps": fwd_bytes / fwd / 1e6, "fwd_bwd_GBps": total_bytes / total / 1e6,
+                         "fwd_bwd_copy_pct": 100 * total_bytes / total / 1e6 / copy_gbps,
+                         "speedup_fwd": results["eager"][0] / fwd, "speedup_fwd_bwd": results["eager"][1] / total})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training step
+
+def make_step(preset, batch, device, bf16, variant):
+    """One training step (forward, backward, AdamW) of `preset` on fixed random inputs, as train.py runs it."""
+    from model import MIRO, get_config
+    from train import flow_matching_loss
+    torch.manual_seed(0)
+    cfg = get_config(preset)
+    with torch.device(device):  # initialised in place: seconds saved per variant for the 0.36B paper model
+        model = MIRO(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t, noise = torch.rand(batch, device=device), torch.randn_like(x0)
+    if cfg.vocab_size > 0:
+        text = torch.randint(0, cfg.vocab_size, (batch, cfg.max_text_len), device=device)
+    else:  # precomputed encoder features, as the paper's frozen T5
+        text = torch.randn(batch, cfg.max_text_len, cfg.text_dim, device=device)
+    condition = {"text": text, "rewards": torch.rand(batch, len(cfg.reward_names), device=device)}
+    forward = torch.compile(model) if variant == "compile" else model
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = flow_matching_loss(forward, x0, t, noise, **condition)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def bench_steps(device, variants, preset, batch, bf16, iters):
+    from train import mfu_percent, peak_flops
+    peak, rows = peak_flops(device), []
+    for variant in variants:
+        previous = kernels.set_impl({"eager": "torch", "fused": "cuda", "compile": "auto"}[variant])
+        try:
+            torch._dynamo.reset()
+            model, step = make_step(preset, batch, device, bf16, variant)
+            ms = timed(step, device, warmup=3 if device.type == "cuda" or variant == "compile" else 1, iters=iters)
+        except torch.cuda.OutOfMemoryError:  # report it and go on with the other variants
+            rows.append({"variant": f"{variant} (out of memory)", "step_ms": float("nan"), "images_per_s": 0.0,
+                         "TFLOPps": 0.0, "MFU_pct": None})
+            model = step = None
+            torch.cuda.empty_cache()
+            continue
+        finally:
+            kernels.set_impl(previous)
+        images_per_s = batch / ms * 1000
+        rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
+                     "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
+                     "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None})
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        row["speedup"] = rows[0]["step_ms"] / row["step_ms"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def print_table(title, rows, columns):
+    """A markdown table of `columns` (key, header, format) over `rows`."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header for _, header, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = [("-" if row[key] is None else fmt.format(row[key])) for key, _, fmt in columns]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="include torch.compile variants (auto: on CUDA only; on a CPU compiling takes minutes)")
+    p.add_argument("--preset", default=None, help="model preset of the training step (default: paper on CUDA, "
+                                                  "cpu on a CPU)")
+    p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 128 on CUDA = the paper's "
+                                                           "1024 over 8 GPUs; 8 on a CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per variant (default 10 CUDA, 5 CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steady timings on a shared CPU)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with_compile = args.compile == "on" or (args.compile == "auto" and on_gpu)
+    fused = on_gpu and cuda.available()
+    variants = ["eager"] + (["fused"] if fused else []) + (["compile"] if with_compile else [])
+
+    sizes, dtype = ((32, 256, 1152, 3072), torch.bfloat16) if on_gpu else ((4, 64, 256, 512), torch.float32)
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    B, N, D, H = sizes
+    copy_gbps = copy_bandwidth(device, B * N * D, dtype)
+    print(f"device: {name}; torch {torch.__version__}; copy bandwidth {copy_gbps:.0f} GB/s (a (B, N, D) tensor); "
+          f"variants {variants}"
+          + ("" if fused or not on_gpu else f"; fused kernels unavailable: {cuda.error()}"))
+    op_rows = bench_ops(device, variants, sizes, dtype, copy_gbps)
+    print_table(f"Ops at B={B} N={N} D={D} (SwiGLU H={H}), {str(dtype).replace('torch.', '')}; speed-up vs eager",
+                op_rows, [("op", "op", "{}"), ("variant", "variant", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
+                          ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("fwd_bwd_GBps", "fwd+bwd GB/s", "{:.1f}"),
+                          ("fwd_bwd_copy_pct", "% of copy", "{:.0f}"), ("speedup_fwd", "fwd x", "{:.2f}"),
+                          ("speedup_fwd_bwd", "fwd+bwd x", "{:.2f}")])
+
+    preset = args.preset or ("paper" if on_gpu else "cpu")
+    batch = args.batch or (128 if on_gpu else 8)
+    step_rows = bench_steps(device, variants, preset, batch, bf16=on_gpu, iters=args.steps or (10 if on_gpu else 5))
+    print_table(f"Training step, preset {preset}, batch {batch}, {'bf16 autocast' if on_gpu else 'float32'}; "
+                f"MFU vs dense bf16 peak", step_rows,
+                [("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"),
+                 ("TFLOPps", "TFLOP/s", "{:.3g}"), ("MFU_pct", "MFU %", "{:.1f}"), ("speedup", "x eager", "{:.2f}")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "copy_GBps": copy_gbps, "ops": op_rows,
+                       "step": step_rows, "preset": preset, "batch": batch}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Tests of the annotation pass (rewards.annotate, `rewards.py annotate`, `rewards.py score`): every (key, reward)
+pair scored exactly once across crashes, reruns, added rewards and ranks; unusable records counted, never scored."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import rewards
+from rewards import RewardBins
+
+REPO = Path(__file__).resolve().parents[1]
+N = 64  # samples of the test world
+
+
+def probe_score(images, captions) -> torch.Tensor:
+    """The test reward's value: mean brightness + len(caption) / 100; NaN (a failed score) if the caption says "nan"."""
+    return torch.tensor([float("nan") if "nan" in c else x.mean().item() + len(c) / 100
+                         for x, c in zip(images, captions)])
+
+
+def make_probe(device="cpu", delay="0", calls=None):
+    """Factory of the test reward "probe": ragged (images of any size), reads "short_caption" (else "caption"),
+    sleeps `delay` seconds per batch, appends each batch size to `calls`."""
+    def fn(images, captions):
+        time.sleep(float(delay))
+        if calls is not None:
+            calls.append(len(captions))
+        return probe_score(images, captions)
+    return rewards.Reward("probe", fn, device, caption_field="short_caption", ragged=True)
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """Registers "probe" for one test; returns the list of batch sizes it scored."""
+    calls = []
+    monkeypatch.setitem(rewards.REWARDS, "probe", partial(make_probe, calls=calls))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 64-sample built-in world, only read by the tests (their annotations go to --out folders)."""
+    return data.build_shapes_dataset(data.WorldConfig(num_train=N), tmp_path_factory.mktemp("world"))
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+class ListSource:
+    """Records in memory, split over consumers as data.open_dataset sources are."""
+    format = "list"
+
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def iter_records(self, rank=0, world_size=1, worker_id=0, num_workers=1):
+        yield from self.records[rank * num_workers + worker_id::world_size * num_workers]
+
+
+def mixed_records():
+    """Images of two sizes, some with a short or a synthetic caption, one whose probe score fails (NaN), three
+    unusable."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        size = (16, 16) if i % 3 else (24, 20)
+        image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        captions = {"caption": f"a long caption number {i}" + (" nan" if i == 4 else "")}
+        if i % 2:
+            captions["short_caption"] = f"short {i}"
+        if i % 4 == 0:
+            captions["synthetic_caption"] = f"a synthetic caption {i}"
+        records.append(data.Record(f"r{i:02d}", image, captions))
+    for i, error in [(12, "unreadable image"), (13, "too small"), (14, "unreadable image")]:
+        records.append(data.Record(f"r{i:02d}", None, {"caption": "x"}, error))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_scores_captions_sizes_unusable_records_and_summary(tmp_path, probe):
+    records = mixed_records()
+    columns = ["probe", "probe@synthetic_caption", "contrast"]
+    table = rewards.annotate(ListSource(records), columns, tmp_path, batch_size=4, verbose=False)
+    usable = [r for r in records if r.image is not None]
+    assert list(table) == [r.key for r in usable]  # unusable records are not written as scores
+    for r in usable:
+        caption = r.captions.get("short_caption", r.captions["caption"])  # probe reads short_caption if present
+        expected = probe_score([image_tensor(r.image)], [caption]).item()
+        if "synthetic_caption" in r.captions:  # "name@field": the reward on that caption, where a record has it
+            synthetic = probe_score([image_tensor(r.image)], [r.captions["synthetic_caption"]]).item()
+            np.testing.assert_allclose(table[r.key]["probe@synthetic_caption"], synthetic, rtol=1e-6)
+        else:
+            assert "probe@synthetic_caption" not in table[r.key]
+        contrast = rewards.contrast_score(image_tensor(r.image)[None]).item()  # one image alone, not in a batch
+        np.testing.assert_allclose(table[r.key]["probe"], expected, rtol=1e-6)  # NaN == NaN here
+        assert table[r.key]["contrast"] == pytest.approx(contrast, abs=1e-6)
+    assert np.isnan(table["r04"]["probe"]) and rows(tmp_path / "annotations.jsonl")[4]["probe"] is None
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["samples"] == 12 and summary["skipped"] == {"unreadable image": 2, "too small": 1}
+    probe_stats = summary["rewards"]["probe"]
+    x = np.array([v["probe"] for v in table.values()])
+    x = x[np.isfinite(x)]
+    assert (probe_stats["count"], probe_stats["nan"], probe_stats["missing"]) == (11, 1, 0)
+    assert probe_stats["mean"] == pytest.approx(x.mean()) and probe_stats["std"] == pytest.approx(x.std())
+    assert probe_stats["p50"] == pytest.approx(np.median(x)) and probe_stats["p5"] == pytest.approx(np.percentile(x, 5))
+    assert probe_stats["min"] == pytest.approx(x.min()) and probe_stats["max"] == pytest.approx(x.max())
+    bins = RewardBins.load(tmp_path / "bins.json")
+    assert bins.names == ("probe", "contrast") and bins.values({"probe": [np.nan], "contrast": [9.0]}).tolist() == [[0, 1]]
+    pooled = [v[c] for v in table.values() for c in ("probe", "probe@synthetic_caption") if c in v]
+    assert bins.edges["probe"][[0, -1]].tolist() == [np.nanmin(pooled), np.nanmax(pooled)]  # one scale for both
+    assert summary["rewards"]["probe@synthetic_caption"]["count"] == 3
+
+    # decoding in DataLoader workers, each reading its own share of the records, gives the same files
+    rewards.annotate(ListSource(records), columns, tmp_path / "workers", batch_size=4, num_workers=2, verbose=False)
+    for name in ("annotations.jsonl", "bins.json", "summary.json"):
+        assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_added_reward_scores_only_itself(tmp_path, world, probe):
+    rewards.annotate(world, ["probe"], tmp_path, batch_size=16, verbose=False)
+    first = rewards.load_annotations(tmp_path / "annotations.jsonl")
+    assert sum(probe) == N and len(first) == N
+    both = rewards.annotate(world, ["probe", "alignment"], tmp_path, batch_size=16, verbose=False)
+    assert sum(probe) == N  # probe was not loaded nor called again
+    assert all(both[k]["probe"] == first[k]["probe"] and 0 <= both[k]["alignment"] <= 1 for k in first)
+    table = rows(tmp_path / "annotations.jsonl")
+    assert len(table) == N and all(list(r) == ["key", "probe", "alignment"] for r in table)  # one merged row per key
+    assert RewardBins.load(tmp_path / "bins.json").names == ("probe", "alignment")
+    assert list(json.loads((tmp_path / "summary.json").read_text())["rewards"]) == ["probe", "alignment"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations.jsonl", "bins.json", "summary.json"]
+
+
+ANNOTATE_WITH_PROBE = """import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import rewards, test_annotate
+rewards.register_reward("probe")(test_annotate.make_probe)
+rewards.main(sys.argv[1:])
+"""
+
+
+def test_killed_run_resumes_without_rescoring(tmp_path, world, probe):
+    """SIGKILL while the slow probe runs, a torn last line, and the rerun as another rank: nothing is scored twice
+    and nothing is lost."""
+    script = tmp_path / "annotate_with_probe.py"
+    script.write_text(ANNOTATE_WITH_PROBE.format(repo=str(REPO), tests=str(REPO / "tests")))
+    out = tmp_path / "ann"
+    cmd = [sys.executable, str(script), "annotate", "--data", str(world), "--out", str(out), "--batch-size", "8",
+           "--rewards", "contrast,probe", "--reward-option", "probe.delay=0.25"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                         "OMP_NUM_THREADS": "1"})
+    part = out / "annotations.rank0.jsonl"
+    deadline = time.time() + 90
+    while sum("probe" in r for r in (rows(part) if part.exists() else [])) < 16:  # two probe batches landed
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the annotate subprocess made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    written = rows(part)
+    probe_keys = [r["key"] for r in written if "probe" in r]
+    assert sum("contrast" in r for r in written) == N and 16 <= len(probe_keys) < N
+    assert len(set(probe_keys)) == len(probe_keys)
+    with open(part, "ab") as f:
+        f.write(b'{"key": "shapes-s0-0000')  # a crash in the middle of writing a row
+    part.rename(out / "annotations.rank1.jsonl")  # as if rank 1 of a two-rank run had crashed
+    assert len(rewards.load_annotations(out / "annotations.rank1.jsonl")) == N  # the torn line is ignored
+
+    table = rewards.annotate(world, ["contrast", "probe"], out, batch_size=8, verbose=False)
+    assert sum(probe) == N - len(probe_keys)  # only the samples without a probe score, contrast not at all
+    fresh = rewards.annotate(world, ["contrast", "probe"], tmp_path / "fresh", batch_size=8, verbose=False)
+    assert table == fresh  # nothing lost: the same table as one uninterrupted run
+    assert (out / "annotations.jsonl").read_bytes() == (tmp_path / "fresh" / "annotations.jsonl").read_bytes()
+    assert not list(out.glob("annotations.rank*")) and not list(out.glob("*.tmp"))
+
+
+def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
+    single = tmp_path / "single"
+    rewards.annotate(world, rewards.BUILTIN_REWARDS, single, batch_size=16, verbose=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "rewards.py"), "annotate", "--data", str(world), "--out", str(tmp_path / "two"),
+           "--batch-size", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote" in result.stdout and result.stdout.count("alignment") == 1  # rank 0 alone reports
+    for name in ("annotations.jsonl", "bins.json", "summary.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (single / name).read_bytes(), name
+    assert len(rows(single / "annotations.jsonl")) == N
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["annotations.jsonl", "bins.json", "summary.json"]
+
+
+def test_cli_annotates_the_data_folder_by_default(tmp_path, capsys):
+    data.build_shapes_dataset(data.WorldConfig(num_train=N), tmp_path)
+    rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,contrast", "--num-bins", "8",
+                  "--binning", "uniform"])
+    out = capsys.readouterr().out
+    assert "wrote" in out and "p95" in out and "contrast" in out
+    bins = RewardBins.load(tmp_path / "bins.json")
+    assert bins.names == ("alignment", "contrast") and bins.method == "uniform" and bins.num_bins == 8
+    ann = rewards.load_annotations(tmp_path / "annotations.jsonl")
+    assert len(ann) == N and all(0 <= v["alignment"] <= 1 for v in ann.values())
+
+
+def write_png(path: Path, seed: int, size=(20, 20)) -> torch.Tensor:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+def test_score_folder_and_geneval_layout(tmp_path, probe, capsys):
+    images = tmp_path / "flat"
+    pixels = {name: write_png(images / name, i, (20 + i, 20)) for i, name in enumerate(["img10.png", "img2.png",
+                                                                                        "img1.png"])}
+    (images / "img5.png").write_bytes(b"\x89PNG not really")  # an unreadable file: scored as null
+    (tmp_path / "prompts.txt").write_text("first prompt\nsecond\n\nfifth\nthird, the tenth image\n")
+    rewards.main(["score", "--images", str(images), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--rewards", "probe,contrast", "--batch-size", "2"])
+    scored = rows(images / "scores.jsonl")
+    assert [r["image"] for r in scored] == ["img1.png", "img2.png", "img5.png", "img10.png"]  # numbers as numbers
+    assert [r["prompt"] for r in scored] == ["first prompt", "second", "fifth", "third, the tenth image"]
+    assert scored[2] == {"image": "img5.png", "prompt": "fifth", "probe": None, "contrast": None, "error": "unreadable"}
+    del scored[2]
+    for r in scored:
+        assert r["probe"] == pytest.approx(probe_score([pixels[r["image"]]], [r["prompt"]]).item(), abs=1e-6)
+        assert r["contrast"] == pytest.approx(rewards.contrast_score(pixels[r["image"]][None]).item(), abs=1e-6)
+    out = capsys.readouterr().out
+    assert f"mean {np.mean([r['probe'] for r in scored]):.4f}" in out
+
+    geneval = tmp_path / "geneval"
+    for i, prompt in enumerate(["a photo of a red circle", "a photo of two squares"]):
+        for j in range(2):
+            write_png(geneval / f"{i:05d}" / "samples" / f"{j:04d}.png", 10 * i + j)
+        (geneval / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps({"tag": "x", "prompt": prompt}) + "\n")
+    rewards.main(["score", "--images", str(geneval), "--rewards", "alignment", "--out", str(tmp_path / "g.jsonl")])
+    scored = rows(tmp_path / "g.jsonl")
+    assert [(r["image"], r["prompt"]) for r in scored] == [
+        ("00000/samples/0000.png", "a photo of a red circle"), ("00000/samples/0001.png", "a photo of a red circle"),
+        ("00001/samples/0000.png", "a photo of two squares"), ("00001/samples/0001.png", "a photo of two squares")]
+
+
+def test_cli_errors_are_one_line(tmp_path, world, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    images = tmp_path / "images"
+    write_png(images / "0.png", 0)
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    cases = {
+        "unknown reward(s) nope; known rewards: alignment": ["annotate", "--data", str(world), "--rewards",
+                                                            "alignment,nope"],
+        "unknown caption field(s) long in --rewards NAME@FIELD": ["annotate", "--data", str(world), "--rewards",
+                                                                   "alignment@long"],
+        "expected NAME.KEY=VALUE": ["annotate", "--data", str(world), "--reward-option", "alignment"],
+        "'clip9' is not one of --rewards": ["annotate", "--data", str(world), "--reward-option", "clip9.x=1"],
+        "reward 'contrast' does not take ['size']": ["annotate", "--data", str(world), "--reward-option",
+                                                     "contrast.size=3"],
+        "does not exist": ["annotate", "--data", str(tmp_path / "missing"), "--rewards", "contrast"],
+        "cannot write to": ["annotate", "--data", str(world), "--out", str(tmp_path / "file" / "sub")],
+        "1 PNG/JPG images in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
+        "is not a folder": ["score", "--images", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "two.txt")],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as e:
+            rewards.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, (argv, err)
+    assert not (world / "annotations.jsonl").exists()

@@ -1,0 +1,263 @@
+"""Frozen text encoders, the SDXL VAE and their caches, through the real loaders on tiny random models.
+
+Each tiny model is of the real class, saved in the original layout (a full T5ForConditionalGeneration checkpoint
+and its tokenizer.json, an open_clip state dict + JSON config, an AutoencoderKL folder) and loaded back by the
+same code that loads google/flan-t5-xl, ViT-L-14/openai and stabilityai/sdxl-vae. The T5 tokenizer is a
+tokenizers-backed T5Tokenizer built from a tiny Unigram vocabulary (no sentencepiece needed); CLIP's BPE ships
+with open_clip.
+"""
+import json
+import string
+
+import pytest
+import torch
+
+import model as M
+
+CAPTIONS = ["a photo of two red cats", "a blue dog", "", "three green squares on the left of a circle " * 3]
+WORDS = "a photo of red blue green cat dog two three circle square squares on the left right".split()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -3.0) for w in WORDS]
+    vocab += [(c, -5.0) for c in string.ascii_lowercase] + [("▁" + c, -5.5) for c in string.ascii_lowercase]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1,
+                   num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                   decoder_start_token_id=0)  # FLAN-T5's layout, tiny
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("t5")
+    T5ForConditionalGeneration(cfg).save_pretrained(out)  # encoder + decoder + lm_head, as on the hub
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def t5(t5_dir):
+    return M.load_text_encoder("t5", source=str(t5_dir), max_length=12)
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    import open_clip
+    out = tmp_path_factory.mktemp("clip")
+    config = out / "tiny-clip-text.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(config.stem, force_quick_gelu=True).state_dict(), out / "clip.pt")
+    return dict(checkpoint=str(out / "clip.pt"), model_config=str(config))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, sample_size=16)  # the SDXL VAE's class, downsampling by 2
+    out = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return M.SDXLVAE(source=str(vae_dir))
+
+
+def _tiny_miro(dim, **overrides):
+    return M.MIRO(M.get_config("tiny", vocab_size=0, text_dim=dim, **overrides))
+
+
+# ---- text encoders ----------------------------------------------------------------------------------------------
+
+def test_t5_encoder_features_mask_and_freezing(t5, t5_dir):
+    from transformers import T5EncoderModel
+    features, mask = t5(CAPTIONS)
+    assert features.shape == (4, 12, 16) and features.dtype == torch.float32 and mask.dtype == torch.bool
+    ids = t5.tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+    assert torch.equal(mask, ids["attention_mask"].bool())
+    assert mask.sum(1).tolist()[2] == 1 and mask[3].all()  # "" is just </s>; the long caption is truncated
+    assert (features[~mask] == 0).all()  # padded positions are zero
+    reference = T5EncoderModel.from_pretrained(t5_dir).eval()(**ids).last_hidden_state  # run over all 12 tokens
+    torch.testing.assert_close(features[mask], reference[mask])  # the encoder's own hidden states
+    alone, alone_mask = t5(CAPTIONS[1:2])  # run over 4 tokens only: the same features
+    assert torch.equal(alone_mask, mask[1:2])
+    torch.testing.assert_close(alone, features[1:2])
+    assert t5.dim == 16 and t5.max_length == 12 and not t5.model.training
+    assert not any(p.requires_grad for p in t5.model.parameters())
+
+
+def test_clip_encoder_per_token_states_pool_to_clip_text_features(clip_files):
+    clip = M.load_text_encoder("clip", **clip_files)
+    features, mask = clip(CAPTIONS)
+    assert features.shape == (4, 77, 24) and clip.dim == 24 and clip.max_length == 77
+    tokens = clip.tokenizer(CAPTIONS)
+    lengths = [len(clip.tokenizer.encode(c)) + 2 for c in CAPTIONS]  # SOT + BPE tokens + EOT
+    assert torch.equal(mask, torch.arange(77)[None] < torch.tensor(lengths)[:, None])  # a prefix of each row
+    assert (features[~mask] == 0).all()
+    # The state at the end-of-text token, projected, is exactly CLIP's pooled text feature.
+    pooled = features[torch.arange(4), mask.sum(1) - 1] @ clip.model.text_projection
+    torch.testing.assert_close(pooled, clip.model.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    assert not hasattr(clip.model, "visual") and not any(p.requires_grad for p in clip.model.parameters())
+
+
+def test_load_text_encoder_names_and_options(t5_dir):
+    assert M.load_text_encoder("builtin") is None  # the model's trainable WordTokenizer path
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        M.load_text_encoder("bert")
+    with pytest.raises(ValueError, match="text encoder t5"):
+        M.load_text_encoder("t5", source=str(t5_dir), max_len=77)
+    with pytest.raises(ValueError, match="precision"):
+        M.load_text_encoder("t5", source=str(t5_dir), precision="fp16")
+
+
+# ---- the generator on frozen features ---------------------------------------------------------------------------
+
+def test_padding_is_invisible_to_the_model(t5):
+    torch.manual_seed(0)
+    model = _tiny_miro(t5.dim).eval()
+    for block in model.blocks:  # leave adaLN-Zero's identity init, so the text reaches the output
+        torch.nn.init.normal_(block.cross_attn.proj.weight, std=0.2)
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.2)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.2)
+    features, mask = t5(CAPTIONS[:3])
+    x, t, rewards = torch.randn(3, 3, 16, 16), torch.rand(3), torch.rand(3, 2)
+    out = model(x, t, features, mask, rewards)
+    garbage = features + 100 * torch.randn_like(features) * (~mask[..., None])  # change padded positions only
+    torch.testing.assert_close(model(x, t, garbage, mask, rewards), out, rtol=0, atol=1e-5)
+    assert not torch.allclose(model(x, t, garbage, None, rewards), out, atol=1e-3)  # without the mask it changes
+    short, short_mask = M.trim_padding(features, mask)
+    assert short.shape[1] == int(mask.sum(1).max()) < features.shape[1]
+    torch.testing.assert_close(model(x, t, short, short_mask, rewards), out, rtol=1e-5, atol=1e-5)
+
+
+def test_miro_trains_on_frozen_encoder_features(t5):
+    torch.manual_seed(0)
+    model = _tiny_miro(t5.dim)
+    for block in model.blocks:  # non-zero cross-attention output, so the text path gets gradients at step 1
+        torch.nn.init.normal_(block.cross_attn.proj.weight, std=0.2)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.2)
+    frozen = {k: v.clone() for k, v in t5.model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    features, mask = t5(CAPTIONS)
+    assert not features.requires_grad
+    x0, eps, t = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.rand(4)
+    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    before = model.text_embedder.proj.weight.detach().clone()
+    loss = torch.nn.functional.mse_loss(model(xt, t, features, mask, torch.rand(4, 2)), eps - x0)
+    loss.backward()
+    assert model.text_embedder.proj.weight.grad.abs().sum() > 0  # the projection of the frozen features learns
+    opt.step()
+    assert not torch.equal(model.text_embedder.proj.weight, before)
+    assert all(p.grad is None for p in t5.model.parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in t5.model.state_dict().items())
+
+
+# ---- caches -----------------------------------------------------------------------------------------------------
+
+def test_text_cache_equals_on_the_fly_and_resumes(t5, tmp_path):
+    records = [(f"k{i}", CAPTIONS[i % 4] + " " + WORDS[i]) for i in range(11)]
+    root = tmp_path / "t5cache"
+    written = [M.precompute_text_embeddings(root, records, t5, rank=r, world_size=2, batch_size=2, chunk_size=3)
+               for r in (1, 0)]  # two ranks' share, rank 0 last: it merges the index
+    assert sum(written) == 12  # 11 captions + the empty caption
+    cache = M.TextEmbeddingCache(root)
+    assert len(cache.cache) == 12 and (cache.name, cache.dim, cache.max_length) == (t5.name, 16, 12)
+    keys = ["k7", "k0", M.EMPTY_CAPTION_KEY, "k10", "k3"]
+    captions = [dict(records)[k] if k else "" for k in keys]
+    features, mask = cache(keys)
+    expected, expected_mask = t5(captions)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(features, expected, rtol=2e-3, atol=1e-3)  # fp16 storage
+    assert torch.equal(features, expected.half().float())  # exactly the fp16 rounding of the on-the-fly batch
+    # Resume: a lost chunk (and a torn .tmp) is redone, nothing else; a stale index is refused until merged.
+    lost = sorted(root.glob("chunk-2x0001-*.safetensors"))[-1]
+    lost_keys = M._chunk_keys(lost)
+    lost.unlink()
+    (root / "chunk-2x0001-000009.safetensors.tmp").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="index"):
+        M.TextEmbeddingCache(root)
+    assert M.precompute_text_embeddings(root, records, t5, rank=0, world_size=1, chunk_size=3) == len(lost_keys)
+    torch.testing.assert_close(M.TextEmbeddingCache(root)(keys)[0], features, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="nope"):
+        cache(["nope"])
+    with pytest.raises(ValueError, match="another cache"):  # other settings never mix into one folder
+        M.precompute_text_embeddings(root, records, t5, dtype=torch.bfloat16)
+
+
+def test_load_vae_names_and_options(vae_dir):
+    assert M.load_vae("none") is None  # pixel space
+    assert isinstance(M.load_vae("sdxl", source=str(vae_dir)), M.SDXLVAE)
+    with pytest.raises(ValueError, match="unknown VAE"):
+        M.load_vae("sd15")
+    with pytest.raises(ValueError, match="VAE sdxl"):
+        M.load_vae("sdxl", source=str(vae_dir), scale=0.18215)
+
+
+def test_vae_normalisation_is_the_method_constants_and_inverts(vae):
+    mean, std = torch.tensor(M.LATENT_MEAN).view(1, 4, 1, 1), torch.tensor(M.LATENT_STD).view(1, 4, 1, 1)
+    z = mean + std * torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    z_n = vae.normalize(z)
+    torch.testing.assert_close(z_n, (z - mean) / std * 0.5)
+    torch.testing.assert_close(vae.denormalize(z_n), z, rtol=1e-12, atol=1e-12)
+    assert vae.normalize(mean.expand(1, 4, 2, 2)).abs().max() < 1e-6
+    torch.testing.assert_close(vae.normalize(mean + std), torch.full((1, 4, 1, 1), 0.5))
+
+
+def test_vae_encode_samples_the_posterior_reproducibly_and_decode_inverts(vae):
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    gens = lambda: [M.key_generator(k, seed=0) for k in ("a", "b", "c")]  # noqa: E731
+    z = vae.encode(images, gens())
+    assert z.shape == (3, 4, 8, 8) == (3, *vae.latent_shape(16))
+    assert torch.equal(vae.encode(images, gens()), z)  # seeded
+    assert not torch.allclose(vae.encode(images, [M.key_generator(k, seed=1) for k in "abc"]), z)
+    torch.testing.assert_close(vae.encode(images[1:2], gens()[1:2]), z[1:2])  # per image, not per batch
+    posterior = vae.model.encode(images).latent_dist  # a sample: mean + std * eps, eps from the key's generator
+    eps = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens()])
+    torch.testing.assert_close(z, vae.normalize(posterior.mean + posterior.std * eps))
+    decoded = vae.decode(z)
+    assert decoded.shape == images.shape
+    torch.testing.assert_close(decoded, vae.model.decode(vae.denormalize(z)).sample)
+
+
+def test_latent_cache_equals_on_the_fly(vae, tmp_path):
+    torch.manual_seed(1)
+    records = [(f"img{i}", torch.rand(3, 16, 16) * 2 - 1) for i in range(7)]
+    root = tmp_path / "latents"
+    for r in (1, 0):
+        M.precompute_latents(root, records, vae, image_size=16, seed=3, rank=r, world_size=2, batch_size=2,
+                             chunk_size=2)
+    cache = M.LatentCache(root)
+    assert len(cache.cache) == 7 and cache.seed == 3 and cache.image_size == 16
+    keys = ["img5", "img0", "img3"]
+    expected = vae.encode(torch.stack([dict(records)[k] for k in keys]), [M.key_generator(k, 3) for k in keys])
+    torch.testing.assert_close(cache(keys), expected, rtol=2e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="16x16"):
+        M.precompute_latents(tmp_path / "bad", [("x", torch.zeros(3, 8, 8))], vae, image_size=16)
+
+
+def test_loaders_are_strict(vae_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+    broken = tmp_path / "vae"
+    shutil.copytree(vae_dir, broken)
+    weights = load_file(broken / "diffusion_pytorch_model.safetensors")
+    weights.pop(next(k for k in weights if k.startswith("decoder.")))
+    save_file(weights, broken / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="do not match AutoencoderKL"):
+        M.SDXLVAE(source=str(broken))

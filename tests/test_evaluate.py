@@ -1,0 +1,156 @@
+"""evaluate.py: metrics on hand-built rows, the speedup on curves with a known answer, prompt sets, GenEval's
+folder layout, sharded evaluation equal to one process, and clear CLI errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "benchmarks"
+
+
+def test_speedup_interpolates_between_evaluated_steps():
+    steps = [100, 200, 300, 400]
+    baseline = [0.1, 0.2, 0.3, 0.4]
+    # MIRO reaches 0.4 halfway between steps 100 (0.3) and 200 (0.5): at step 150, so 400 / 150.
+    assert evaluate.speedup(steps, baseline, [0.3, 0.5, 0.6, 0.7]) == pytest.approx(400 / 150)
+    # Exactly equal at step 200.
+    assert evaluate.speedup(steps, baseline, [0.2, 0.4, 0.5, 0.5]) == pytest.approx(2.0)
+    # Already above at the first evaluation: that step counts (a lower bound).
+    assert evaluate.speedup(steps, baseline, [0.9, 0.9, 0.9, 0.9]) == pytest.approx(4.0)
+    # Never reached within the budget.
+    assert evaluate.speedup(steps, baseline, [0.1, 0.2, 0.3, 0.39]) is None
+    # Identical curves: reached at the last step, speedup 1.
+    assert evaluate.speedup(steps, baseline, baseline) == pytest.approx(1.0)
+
+
+def test_mean_ci_and_geneval_summary():
+    ci = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
+    assert ci["n"] == 4 and ci["mean"] == pytest.approx(2.5)
+    assert ci["ci95"] == pytest.approx(1.96 * torch.tensor([1.0, 2, 3, 4]).std().item() / 2)
+    rows = [{"correct": c} for c in (True, False, True, True, True)]
+    items = [{"tag": t} for t in ("a", "a", "b", "b", "b")]
+    scores = evaluate.geneval_summary(rows, items)
+    # overall is the mean of the task accuracies (0.5 and 1.0), not of the images (0.8).
+    assert scores == {"a": 0.5, "b": 1.0, "overall": 0.75}
+
+
+def test_diversity_is_mean_pairwise_distance_per_prompt():
+    d = 4
+    rows = [{"features": [0.0] * d}, {"features": [1.0] * d},                        # prompt 0: distance 1
+            {"features": [0.5] * d}, {"features": [0.5] * d}, {"features": [0.5] * d}]  # prompt 1: 0
+    items = [{"index": 0}, {"index": 0}, {"index": 1}, {"index": 1}, {"index": 1}]
+    assert evaluate.diversity(rows, items) == pytest.approx(0.5)
+    images = torch.rand(3, 3, 32, 32)
+    f = evaluate.pixel_features(images)
+    assert f.shape == (3, 192) and torch.allclose(f[0], torch.nn.functional.avg_pool2d(images[:1], 4).flatten())
+
+
+def test_repeat_prompts_gives_every_task_its_minimum():
+    prompts = [{"prompt": "p0", "tag": "a"}, {"prompt": "p1", "tag": "b"}, {"prompt": "p2", "tag": "b"}]
+    items = evaluate.repeat_prompts(prompts, 2, min_per_task=6)
+    per_task = {t: sum(it["tag"] == t for it in items) for t in "ab"}
+    assert per_task == {"a": 6, "b": 6}
+    assert [(it["index"], it["sample"]) for it in items if it["index"] == 1] == [(1, k) for k in range(3)]
+
+
+def test_prompt_sets(tmp_path):
+    held = evaluate.load_prompts("heldout", data.WorldConfig())
+    assert held == data.heldout_prompts(data.WorldConfig())
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    assert [p["prompt"] for p in evaluate.load_prompts(str(tmp_path / "p.txt"), None)] == ["a cat", "a dog"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="expected prompts"):
+        evaluate.load_prompts(str(tmp_path / "bad.jsonl"), None)
+    with pytest.raises(FileNotFoundError):
+        evaluate.load_prompts(str(tmp_path / "missing.txt"), None)
+    with pytest.raises(ValueError, match="built-in world"):
+        evaluate.load_prompts("heldout", None)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/benchmarks not present")
+def test_real_benchmark_prompt_files():
+    geneval = evaluate.load_prompts(str(SHARED / "geneval" / "evaluation_metadata.jsonl"), None)
+    assert len(geneval) == 553
+    counts = {t: sum(p["tag"] == t for p in geneval) for t in data.TASKS}
+    assert counts == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
+                      "color_attr": 100}
+    parti = evaluate.load_prompts(str(SHARED / "parti" / "PartiPrompts.tsv"), None)
+    assert len(parti) == 1632 and all(p["prompt"] for p in parti)
+
+
+def run_eval(*args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+
+
+def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
+    common = ["geneval", "--ckpt", str(tiny_runs / "miro"), "--n-per-prompt", "1", "--min-per-task", "2",
+              "--steps", "3"]
+    one = run_eval(*common, "--out", str(tmp_path / "one"))
+    two = run_eval(*common, "--out", str(tmp_path / "two"), nproc=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "geneval.json").read_text())
+    b = json.loads((tmp_path / "two" / "geneval.json").read_text())
+    assert a["geneval"] == b["geneval"] and set(a["geneval"]) == {*data.TASKS, "overall"}
+    world = data.WorldConfig(**torch.load(tiny_runs / "miro" / "ckpt.pt", weights_only=True)["world"])
+    prompts = data.heldout_prompts(world)
+    folders = sorted((tmp_path / "one" / "geneval").iterdir())
+    assert [f.name for f in folders] == [f"{i:05d}" for i in range(len(prompts))]
+    for i, folder in enumerate(folders):
+        meta = json.loads((folder / "metadata.jsonl").read_text())
+        assert meta == prompts[i]
+        pngs = sorted(p.name for p in (folder / "samples").iterdir())
+        assert pngs == [f"{k:04d}.png" for k in range(len(pngs))] and len(pngs) >= 1
+        for png in pngs:  # the same image whichever rank drew it
+            assert (folder / "samples" / png).read_bytes() == \
+                   (tmp_path / "two" / "geneval" / folder.name / "samples" / png).read_bytes()
+    assert a["images"] == sum(len(list((f / "samples").iterdir())) for f in folders)
+
+
+def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path):
+    ckpt = str(tiny_runs / "miro")
+    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "contrast", "--values", "0,1", "--n-per-prompt", "1",
+                   "--min-per-task", "1", "--steps", "2", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    sweep = json.loads((tmp_path / "tradeoff.json").read_text())["sweep"]
+    assert set(sweep) == {"0.0", "1.0"} and {"alignment", "contrast", "geneval", "diversity"} <= set(sweep["0.0"])
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    res = run_eval("rewards", "--ckpt", ckpt, "--n-per-prompt", "1", "--steps", "2", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads((tmp_path / "rewards.json").read_text())["rewards"]
+    assert set(out) == {"alignment", "sharpness", "cleanliness", "contrast"}
+    assert all(0 <= v["mean"] <= 1 and v["ci95"] >= 0 and v["n"] == 29 for v in out.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["geneval", "--ckpt", "/nonexistent/run"], "does not exist|No such file|not found"),
+    (["rewards", "--reward-option", "aesthetic-head=x"], "name.key=value"),
+    (["geneval", "--steps", "0"], "--steps must be > 0"),
+    (["geneval", "--cfg", "-1"], "--cfg must be >= 0"),
+])
+def test_cli_errors_are_one_line(args, message):
+    res = run_eval(*args)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    import re
+    assert re.search(message, res.stderr), res.stderr
+
+
+def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
+    res = run_eval("tradeoff", "--ckpt", str(tiny_runs / "baseline"), "--reward", "contrast", "--out", str(tmp_path))
+    assert res.returncode == 2 and "conditioned on nothing" in res.stderr and "Traceback" not in res.stderr
+    res = run_eval("geneval", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(tmp_path / "nope.jsonl"),
+                   "--out", str(tmp_path))
+    assert res.returncode == 2 and "no such file" in res.stderr
