@@ -738,18 +738,6 @@ def cmd_convergence(args, _ctx=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line.
 
-def parse_options(items: list[str], flag: str) -> dict:
-    """['name.key=value', ...] -> {name: {key: value}}; ValueError for malformed items."""
-    options: dict[str, dict[str, str]] = {}
-    for item in items:
-        target, sep, value = item.partition("=")
-        name, dot, key = target.partition(".")
-        if not (sep and dot and name and key):
-            raise ValueError(f"{flag} {item!r} is not of the form name.key=value")
-        options.setdefault(name, {})[key] = value
-    return options
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -772,7 +760,8 @@ def parse_args(argv=None):
         s.add_argument("--detector", default="shapes", choices=["shapes", "mask2former"],
                        help="GenEval detector: the built-in shapes detector or the real Mask2Former + CLIP")
         s.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an option for the detector, e.g. checkpoint=PATH (repeatable)")
+                       help="an option for the mask2former detector (a GenEvalDetectorConfig field), e.g. "
+                            "mask2former=DIR or clip=DIR for local copies (repeatable)")
         s.add_argument("--judge-rewards", default=",".join(rewards.BUILTIN_REWARDS),
                        help="rewards that judge the images (default: the built-in ones)")
         s.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
@@ -808,9 +797,14 @@ def parse_args(argv=None):
     if args.cfg is not None and args.cfg < 0:
         p.error("--cfg must be >= 0")
     try:
-        args.reward_options = parse_options(args.reward_option, "--reward-option")
-        args.detector_options = dict(parse_options([f"d.{o}" for o in args.detector_option],
-                                                   "--detector-option").get("d", {}))
+        judges = [n for n in (args.judge_rewards + "," + getattr(args, "select_by", "")).split(",") if n]
+        args.reward_options = rewards.parse_reward_options(args.reward_option, judges)
+        args.detector_options = {}
+        for item in args.detector_option:
+            key, eq, value = item.partition("=")
+            if not (eq and key):
+                raise ValueError(f"--detector-option {item!r} is not of the form KEY=VALUE")
+            args.detector_options[key] = value
     except ValueError as e:
         p.error(str(e))
     if args.command == "tts" and args.select_by not in args.judge_rewards.split(","):

@@ -25,6 +25,7 @@ Conventions (shared by the whole repo):
 """
 import argparse
 import colorsys
+import fcntl
 import gc
 import inspect
 import json
@@ -1239,11 +1240,8 @@ class RewardBins:
         return cls({n: np.array(d["edges"][n]) for n in d["names"]}, d.get("method", "quantile"))
 
     def save(self, path) -> None:
-        """Write JSON atomically (tmp file + os.replace), so a crash never leaves a half-written bins.json."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        """Write JSON atomically, so a crash never leaves a half-written bins.json."""
+        data._atomic_write(Path(path), lambda f: f.write(json.dumps(self.to_dict(), indent=1).encode()))
 
     @classmethod
     def load(cls, path) -> "RewardBins":
@@ -1290,6 +1288,8 @@ def _iter_rows(path: Path):
                 if not (isinstance(row, dict) and isinstance(row.get("key"), str) and all(
                         v is None or type(v) in (int, float) for k, v in row.items() if k != "key")):
                     raise ValueError(f"{path}:{n}: an annotation row is {{\"key\": string, reward: number or null}}")
+                if any(type(v) is int and not -1e308 < v < 1e308 for v in row.values()):
+                    raise ValueError(f"{path}:{n}: an annotation score is too large for a float")
                 yield row
 
 
@@ -1536,16 +1536,47 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     """
     source, out_dir = _as_source(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _directory_lock(out_dir, rank, world_size):
+        return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
+                                rank, world_size, num_workers, verbose, cpu_threads)
+
+
+@contextmanager
+def _directory_lock(out_dir: Path, rank: int, world_size: int):
+    """One run at a time per annotation folder: rank 0 holds an exclusive lock on out_dir/.annotate.lock for the
+    whole run (the other ranks wait for it at a barrier). Two independent runs on one folder (say two train.py jobs
+    of a sweep) would otherwise append to the same rank part files and merge them under each other; serialised, the
+    second finds every pair scored and only reads the table."""
+    lock = open(out_dir / ".annotate.lock", "a") if rank == 0 else None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _barrier(world_size)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # closing releases the lock
+
+
+def _annotate_locked(source, rewards, out_dir: Path, batch_size, device, num_bins, binning, reward_options, rank,
+                     world_size, num_workers, verbose, cpu_threads):
     part = out_dir / f"annotations.rank{rank}.jsonl"
     _cut_torn_tail(part)
     skipped: dict[str, str] = {}
     threads = cpu_threads if torch.device(device).type == "cpu" else None
-    with open(part, "a") as f, _torch_threads(threads):
-        for name, keys, scores in _reward_passes(source, rewards, skipped, partial(_scored_keys, out_dir), rank,
-                                                 world_size, batch_size, device, reward_options, num_workers, verbose):
-            f.write("".join(json.dumps({"key": k, name: _json_score(s)}) + "\n" for k, s in zip(keys, scores)))
-            f.flush()
-            os.fsync(f.fileno())
+    f = None  # the part file is created with its first row: a run with nothing to score leaves no empty part behind
+    try:
+        with _torch_threads(threads):
+            for name, keys, scores in _reward_passes(source, rewards, skipped, partial(_scored_keys, out_dir), rank,
+                                                     world_size, batch_size, device, reward_options, num_workers,
+                                                     verbose):
+                f = f or open(part, "a")
+                f.write("".join(json.dumps({"key": k, name: _json_score(s)}) + "\n" for k, s in zip(keys, scores)))
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        if f is not None:
+            f.close()
 
     if world_size > 1:  # every rank has finished scoring once this gather returns
         gathered = [None] * world_size
@@ -1658,6 +1689,8 @@ def parse_reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str
             raise ValueError(f"--reward-option {spec!r}: {name!r} is not one of --rewards ({', '.join(names)})")
         options.setdefault(name, {})[key] = value
     for name, opts in options.items():
+        if name not in REWARDS:
+            raise ValueError(f"--reward-option {name}: unknown reward; known: {', '.join(REWARDS)}")
         try:
             inspect.signature(REWARDS[name]).bind("cpu", **opts)
         except TypeError as e:

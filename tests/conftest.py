@@ -23,3 +23,7 @@ def tiny_runs(tmp_path_factory):
     train.main(tiny_train_args(runs))
     train.main(tiny_train_args(runs, "--no-rewards", "--keep-every", "0"))
     return runs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long multi-process test (CI runs it; -m 'not slow' skips it)")

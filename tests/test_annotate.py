@@ -53,6 +53,9 @@ def world(tmp_path_factory):
     return data.build_shapes_dataset(data.WorldConfig(num_train=N), tmp_path_factory.mktemp("world"))
 
 
+OUTPUTS = [".annotate.lock", "annotations.jsonl", "bins.json", "summary.json"]  # what a finished run leaves
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
@@ -147,7 +150,7 @@ def test_added_reward_scores_only_itself(tmp_path, world, probe):
     assert len(table) == N and all(list(r) == ["key", "probe", "alignment"] for r in table)  # one merged row per key
     assert RewardBins.load(tmp_path / "bins.json").names == ("probe", "alignment")
     assert list(json.loads((tmp_path / "summary.json").read_text())["rewards"]) == ["probe", "alignment"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations.jsonl", "bins.json", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
 
 
 ANNOTATE_WITH_PROBE = """import sys
@@ -194,6 +197,23 @@ def test_killed_run_resumes_without_rescoring(tmp_path, world, probe):
     assert not list(out.glob("annotations.rank*")) and not list(out.glob("*.tmp"))
 
 
+def test_concurrent_runs_on_one_folder_serialise(tmp_path, world):
+    """Two independent annotate processes on one folder (two train.py jobs of a sweep): the lock serialises them,
+    so the table is the one a single run writes, every pair scored once."""
+    single = tmp_path / "single"
+    rewards.annotate(world, ["alignment", "contrast"], single, batch_size=16, verbose=False)
+    cmd = [sys.executable, str(REPO / "rewards.py"), "annotate", "--data", str(world), "--out", str(tmp_path / "two"),
+           "--rewards", "alignment,contrast", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+            for _ in range(2)]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
+    assert (tmp_path / "two" / "annotations.jsonl").read_bytes() == (single / "annotations.jsonl").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == OUTPUTS
+
+
 def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
     single = tmp_path / "single"
     rewards.annotate(world, rewards.BUILTIN_REWARDS, single, batch_size=16, verbose=False)
@@ -207,7 +227,7 @@ def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
     for name in ("annotations.jsonl", "bins.json", "summary.json"):
         assert (tmp_path / "two" / name).read_bytes() == (single / name).read_bytes(), name
     assert len(rows(single / "annotations.jsonl")) == N
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["annotations.jsonl", "bins.json", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == OUTPUTS
 
 
 def test_cli_annotates_the_data_folder_by_default(tmp_path, capsys):

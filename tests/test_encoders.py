@@ -183,8 +183,9 @@ def test_text_cache_equals_on_the_fly_and_resumes(t5, tmp_path):
     features, mask = cache(keys)
     expected, expected_mask = t5(captions)
     assert torch.equal(mask, expected_mask)
-    torch.testing.assert_close(features, expected, rtol=2e-3, atol=1e-3)  # fp16 storage
-    assert torch.equal(features, expected.half().float())  # exactly the fp16 rounding of the on-the-fly batch
+    # fp16 storage; float32 features differ in their last bits between batches padded to other lengths (other
+    # matmul shapes), so not even the fp16 rounding is bit-identical
+    torch.testing.assert_close(features, expected, rtol=2e-3, atol=1e-3)
     # Resume: a lost chunk (and a torn .tmp) is redone, nothing else; a stale index is refused until merged.
     lost = sorted(root.glob("chunk-2x0001-*.safetensors"))[-1]
     lost_keys = M._chunk_keys(lost)

@@ -135,8 +135,8 @@ def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["geneval", "--ckpt", "/nonexistent/run"], "does not exist|No such file|not found"),
-    (["rewards", "--reward-option", "aesthetic-head=x"], "name.key=value"),
+    (["geneval", "--ckpt", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+    (["rewards", "--reward-option", "aesthetic-head=x"], "expected NAME.KEY=VALUE"),
     (["geneval", "--steps", "0"], "--steps must be > 0"),
     (["geneval", "--cfg", "-1"], "--cfg must be >= 0"),
 ])
