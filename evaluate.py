@@ -364,8 +364,8 @@ class Judges:
 
 
 @torch.no_grad()
-def sample_and_judge(model, tokenizer, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
-                     batch_size=64, on_images=None) -> list[dict]:
+def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
+                     batch_size=64, on_images=None, vae=None) -> list[dict]:
     """Generate and judge this rank's share of `items` (image i with its own noise seed), then gather: returns
     one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -375,10 +375,10 @@ def sample_and_judge(model, tokenizer, items, pos, neg, cfg, judges, steps=50, s
         idx = mine[lo:lo + batch_size]
         batch = [items[i] for i in idx]
         n = len(idx)
-        images = generate(model, tokenizer, [it["prompt"] for it in batch],
+        images = generate(model, text_encoder, [it["prompt"] for it in batch],
                           None if pos is None else pos.expand(n, -1), None if neg is None else neg.expand(n, -1),
                           cfg=cfg, steps=steps, device=device, batch_size=batch_size,
-                          seeds=[seed * SEED_STRIDE + i for i in idx])
+                          seeds=[seed * SEED_STRIDE + i for i in idx], vae=vae)
         if on_images is not None:
             on_images(idx, images)
         local.update(zip(idx, judges((images + 1) / 2, batch)))
@@ -505,8 +505,8 @@ class Context:
     """What every sampling subcommand needs: the model, its sampling setting and the judges."""
 
     def __init__(self, args, ckpt_arg=None):
-        self.path, self.ckpt, self.model, self.tokenizer = open_checkpoint(ckpt_arg or args.ckpt, ema=True)
-        self.model = self.model.to(args.device).eval()
+        self.path, self.ckpt, self.model, self.text_encoder, self.vae = open_checkpoint(ckpt_arg or args.ckpt,
+                                                                                        device=args.device)
         self.names = list(self.model.cfg.reward_names)
         self.world = data.WorldConfig(**self.ckpt["world"]) if self.ckpt.get("world") else None
         self.cfg = args.cfg if args.cfg is not None else self.ckpt["sampling"]["cfg"]
@@ -524,9 +524,9 @@ class Context:
     def run(self, items, judges, pos=None, cfg=None, on_images=None):
         a = self.args
         pos = self.pos if pos is None else pos
-        return sample_and_judge(self.model, self.tokenizer, items, pos, self.neg, self.cfg if cfg is None else cfg,
-                                judges, steps=a.steps, seed=a.seed, device=a.device, batch_size=a.batch_size,
-                                on_images=on_images)
+        return sample_and_judge(self.model, self.text_encoder, items, pos, self.neg,
+                                self.cfg if cfg is None else cfg, judges, steps=a.steps, seed=a.seed, device=a.device,
+                                batch_size=a.batch_size, on_images=on_images, vae=self.vae)
 
 
 def cmd_geneval(args, ctx):

@@ -754,6 +754,25 @@ def load_vae(name, device="cpu", **options):
     return _construct(SDXLVAE, "VAE sdxl", device, options)
 
 
+def load_frozen(spec, device="cpu"):
+    """(text encoder or None, VAE or None) from a spec {"text_encoder": {"name": ..., **options}, "vae": {"name": ...,
+    **options}} as train.py stores it in checkpoints (absent entries: the built-in text embedding, pixel space)."""
+    spec = spec or {}
+    text = dict(spec.get("text_encoder") or {"name": "builtin"})
+    vae = dict(spec.get("vae") or {"name": "none"})
+    return load_text_encoder(text.pop("name"), device, **text), load_vae(vae.pop("name"), device, **vae)
+
+
+def adapt_config(cfg, text_encoder=None, vae=None):
+    """The model config that fits these frozen parts: float text features of the encoder's width and length
+    (vocab_size 0), and the VAE's latent channels (image_size stays the latent side)."""
+    if text_encoder is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=0, text_dim=text_encoder.dim, max_text_len=text_encoder.max_length)
+    if vae is not None:
+        cfg = dataclasses.replace(cfg, in_channels=vae.latent_shape(vae.factor)[0])
+    return cfg
+
+
 # Caches of frozen-encoder outputs, one folder each:
 #   meta.json        what was encoded and how; a resumed precompute or a reader with other settings is a ValueError
 #   chunk-{W}x{r}-{i}.safetensors   written whole (tmp + rename) by rank r of W: "data" = its samples' items

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import load_checkpoint, model_from_checkpoint
+from model import WordTokenizer, load_checkpoint, load_frozen, model_from_checkpoint, trim_padding
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,9 +45,12 @@ def euler_sample(velocity, noise, steps=50):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, rewards_pos=None, rewards_neg=None, neg_prompts=None, cfg=3.0,
-             steps=50, seed=0, device="cpu", batch_size=64, seeds=None):
-    """Sample one image per prompt; returns float images (N, C, H, W) in [-1, 1] on the CPU.
+def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, neg_prompts=None, cfg=3.0,
+             steps=50, seed=0, device="cpu", batch_size=64, seeds=None, vae=None):
+    """Sample one image per prompt; returns float images (N, 3, H, W) in [-1, 1] on the CPU.
+
+    text_encoder: captions -> (text, mask), the checkpoint's WordTokenizer or its frozen encoder (model.load_frozen);
+    vae: the frozen VAE whose latents the model generates (None: pixel space), decoded at the end.
 
     rewards_pos / rewards_neg: (N, R) targets in [0, 1] (None for a baseline). neg_prompts: the captions of the
     negative branch (default: the prompts themselves for MIRO, the empty caption for a baseline). Both branches go
@@ -67,17 +70,21 @@ def generate(model, tokenizer, prompts, rewards_pos=None, rewards_neg=None, neg_
     images = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
-        ids, mask = tokenizer(list(prompts[lo:hi]) + list(neg_prompts[lo:hi]))
+        text, mask = text_encoder(list(prompts[lo:hi]) + list(neg_prompts[lo:hi]))
+        if not isinstance(text_encoder, WordTokenizer):  # frozen features: cut to the batch's longest caption
+            text, mask = trim_padding(text, mask)
         rewards = None
         if cfg_model.reward_names:
             rewards = torch.cat([rewards_pos[lo:hi], rewards_neg[lo:hi]]).to(device)
-        cond, cond_mask = model.encode_condition(ids.to(device), mask.to(device), rewards)
+        cond, cond_mask = model.encode_condition(text.to(device), mask.to(device), rewards)
 
         def velocity(x, t):
             v_pos, v_neg = model.denoise(torch.cat([x, x]), torch.cat([t, t]), cond, cond_mask).float().chunk(2)
             return cfg_combine(v_pos, v_neg, cfg)
 
         x = euler_sample(velocity, noise[lo:hi].to(device), steps)
+        if vae is not None:
+            x = vae.decode(x)
         images.append(x.clamp(-1, 1).cpu())
     return torch.cat(images)
 
@@ -144,9 +151,10 @@ def latest_checkpoint(runs_dir="runs"):
     return candidates[-1] if candidates else None
 
 
-def open_checkpoint(ckpt=None, ema=True):
-    """Resolve a checkpoint file / run folder / None (the latest run) and build its sampling model.
-    Returns (ckpt_path, checkpoint dict, model, tokenizer); FileNotFoundError / ValueError say what is wrong."""
+def open_checkpoint(ckpt=None, ema=True, device="cpu"):
+    """Resolve a checkpoint file / run folder / None (the latest run) and build its sampling model on `device`.
+    Returns (ckpt_path, checkpoint dict, model, text_encoder, vae): the WordTokenizer or the frozen text encoder the
+    run trained with, and its VAE or None; FileNotFoundError / ValueError say what is wrong."""
     path = Path(ckpt) if ckpt else latest_checkpoint()
     if path is None:
         raise FileNotFoundError("no checkpoint found under runs/; train one with `python train.py` or pass --ckpt")
@@ -154,9 +162,10 @@ def open_checkpoint(ckpt=None, ema=True):
     try:
         checkpoint = load_checkpoint(path)
         model, tokenizer = model_from_checkpoint(checkpoint, ema=ema)
+        text_encoder, vae = load_frozen(checkpoint.get("frozen"), device)
     except RuntimeError as e:
         raise ValueError(f"{path}: {e}") from None
-    return path, checkpoint, model, tokenizer
+    return path, checkpoint, model.to(device).eval(), text_encoder or tokenizer, vae
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,14 +221,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    ckpt_path = Path(args.ckpt) if args.ckpt else latest_checkpoint()
-    if ckpt_path is None:
-        parser.error("no checkpoint found under runs/; train one with `python train.py` or pass --ckpt")
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "ckpt.pt"
     try:
-        ckpt = load_checkpoint(ckpt_path)
-        model, tokenizer = model_from_checkpoint(ckpt, ema=not args.no_ema)
+        ckpt_path, ckpt, model, text_encoder, vae = open_checkpoint(args.ckpt, ema=not args.no_ema,
+                                                                    device=args.device)
     except (OSError, ValueError, RuntimeError) as e:
         parser.error(str(e))
     names = list(model.cfg.reward_names)
@@ -236,12 +240,11 @@ def main(argv=None):
         except (KeyError, ValueError) as e:
             parser.error(str(e).strip("'\""))
     cfg = args.cfg if args.cfg is not None else ckpt["sampling"]["cfg"]
-    model = model.to(args.device).eval()
 
     prompts = [p for p in args.prompt for _ in range(args.n * args.best_of)]
     neg_prompts = None if args.neg_prompt is None else [args.neg_prompt] * len(prompts)
-    images = generate(model, tokenizer, prompts, pos.expand(len(prompts), -1), neg.expand(len(prompts), -1),
-                      neg_prompts, cfg=cfg, steps=args.steps, seed=args.seed, device=args.device)
+    images = generate(model, text_encoder, prompts, pos.expand(len(prompts), -1), neg.expand(len(prompts), -1),
+                      neg_prompts, cfg=cfg, steps=args.steps, seed=args.seed, device=args.device, vae=vae)
     if reward is not None:
         per_image = [p for p in args.prompt for _ in range(args.n)]
         images, _ = best_of_n(images.view(len(per_image), args.best_of, *images.shape[1:]), per_image, reward)

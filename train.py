@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import kernels
 import rewards
-from model import (MIRO, PRESETS, ModelConfig, WordTokenizer, count_parameters, get_config, load_checkpoint,
-                   save_checkpoint)
+from model import (MIRO, PRESETS, ModelConfig, WordTokenizer, adapt_config, count_parameters, get_config,
+                   load_checkpoint, load_frozen, save_checkpoint, trim_padding)
 from sample import generate, save_grid
 
 
@@ -183,6 +183,17 @@ def parse_args(argv=None):
     p.add_argument("--min-image-size", type=int, default=0,
                    help="--data: skip images whose shorter side is below this many pixels (default 0: keep all)")
     p.add_argument("--data-workers", type=int, default=4, help="--data: dataloader worker processes per rank")
+    p.add_argument("--text-encoder", default="builtin", choices=["builtin", "t5", "clip"],
+                   help="builtin: a trainable word embedding (the built-in data); t5: frozen FLAN-T5 (the paper: "
+                        "source=google/flan-t5-xl); clip: the frozen CLIP ViT-L/14 text tower")
+    p.add_argument("--text-encoder-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor option of the frozen text encoder, e.g. source=DIR, max_length=256 "
+                        "(repeatable; model.T5TextEncoder / CLIPTextEncoder list them)")
+    p.add_argument("--vae", default="none", choices=["none", "sdxl"],
+                   help="none: pixel space; sdxl: the frozen SDXL VAE's latents (the preset's image_size is then the "
+                        "latent side, images are 8x larger)")
+    p.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor option of the VAE, e.g. source=DIR, precision=fp32 (repeatable)")
     p.add_argument("--num-bins", type=int, default=64, help="reward bins B (value k/(B-1))")
     p.add_argument("--binning", default="quantile", choices=["quantile", "uniform"], help="bin edges")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order")
@@ -227,6 +238,21 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             p.error(message)
+    frozen = {}
+    for part, name, flag, items in (("text_encoder", args.text_encoder, "--text-encoder-option",
+                                     args.text_encoder_option), ("vae", args.vae, "--vae-option", args.vae_option)):
+        options = {}
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not (key and eq):
+                p.error(f"{flag} {item!r} is not of the form KEY=VALUE")
+            options[key] = value
+        if name in ("builtin", "none"):
+            if options:
+                p.error(f"{flag} needs --{part.replace('_', '-')} other than {name}")
+        else:
+            frozen[part] = {"name": name, **options}
+    args.frozen = frozen  # stored in checkpoints, so sample.py / evaluate.py load the same frozen parts
     args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
     unknown = [r for r in args.reward_names if r not in rewards.BUILTIN_REWARDS]
     if unknown and args.data is None:  # --data: checked against the annotation columns instead
@@ -380,7 +406,17 @@ def main(argv=None):
         run_dir = resume_path.parent
     else:
         run_dir = Path(args.runs_dir) / args.name
-    model_cfg = get_config(args.preset, reward_names=args.reward_names)
+    if resume_ckpt is not None and not args.frozen:  # --resume alone: the run's own frozen parts
+        args.frozen = resume_ckpt.get("frozen", {})
+    if resume_ckpt is not None and resume_ckpt.get("frozen", {}) != args.frozen:
+        parser.error(f"--resume {resume_path}: the run was trained with frozen parts {resume_ckpt.get('frozen', {})}, "
+                     f"not {args.frozen} (--text-encoder / --vae and their options)")
+    try:  # the frozen text encoder and VAE (None: the built-in word embedding, pixel space)
+        text_encoder, vae = load_frozen(args.frozen, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        parser.error(f"cannot load the frozen text encoder / VAE {args.frozen}: {' '.join(str(e).split())[:300]}")
+    model_cfg = adapt_config(get_config(args.preset, reward_names=args.reward_names), text_encoder, vae)
+    pixel_size = model_cfg.image_size * (vae.factor if vae is not None else 1)  # the data's image side
     if resume_ckpt is not None:
         try:
             model_cfg = resume_config(resume_ckpt, model_cfg, args.preset)
@@ -396,13 +432,22 @@ def main(argv=None):
     # --- model ---
     try:
         if args.data is None:
-            world, data_dir, samples = prepare_builtin_data(args, model_cfg.image_size, rank)
+            world, data_dir, samples = prepare_builtin_data(args, pixel_size, rank)
         else:  # the world config stays in config.json / the checkpoint; nothing is built
-            world, data_dir = data.WorldConfig(image_size=model_cfg.image_size), args.data
+            world, data_dir = data.WorldConfig(image_size=pixel_size), args.data
     except OSError as e:
         parser.error(f"cannot prepare the data: {e}")
-    tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
+    tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)  # kept in checkpoints either way
+    if text_encoder is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
+
+    def encode_text(captions):
+        """captions -> (text, mask) on the device: word ids, or frozen features cut to the batch's longest caption."""
+        if text_encoder is None:
+            ids, mask = tokenizer(captions)
+            return ids.to(device), mask.to(device)
+        features, mask = trim_padding(*text_encoder(captions))
+        return features.to(device), mask.to(device)
     torch.manual_seed(args.seed)
     model = MIRO(model_cfg).to(device)
     ema = MIRO(model_cfg).to(device).requires_grad_(False)
@@ -441,7 +486,7 @@ def main(argv=None):
         data_summary = f"{len(dataset)} samples ({steps_per_epoch} steps/epoch)"
     else:  # a stream: this rank's share of each epoch, decoded by --data-workers processes
         try:
-            dataset, bins = prepare_real_data(args, model_cfg.image_size, rank, world_size, model_cfg.reward_names,
+            dataset, bins = prepare_real_data(args, pixel_size, rank, world_size, model_cfg.reward_names,
                                               resume_ckpt["bins"] if resume_ckpt is not None else None)
         except (OSError, ValueError) as e:
             parser.error(f"--data: {e}")
@@ -486,7 +531,7 @@ def main(argv=None):
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "nan_skipped": nan_skipped,
                  "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
-                 "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc)}
+                 "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen}
         save_checkpoint(run_dir / "ckpt.pt", state)
         if tc.keep_every and step % tc.keep_every == 0:
             save_checkpoint(run_dir / f"ckpt_{step:07d}.pt", state)
@@ -497,8 +542,8 @@ def main(argv=None):
         ema.eval()
         n = len(preview_prompts)
         ones = torch.ones(n, len(model_cfg.reward_names))
-        images = generate(ema, tokenizer, preview_prompts, ones, torch.zeros_like(ones), cfg=tc.cfg,
-                          steps=50, seed=0, device=device)
+        images = generate(ema, text_encoder or tokenizer, preview_prompts, ones, torch.zeros_like(ones), cfg=tc.cfg,
+                          steps=50, seed=0, device=device, vae=vae)
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", ncols=n)
 
     # --- the loop ---
@@ -514,17 +559,20 @@ def main(argv=None):
         batches = data.stream_batches(dataset, micro_batch * tc.grad_accum, args.data_workers, resume=step)
         first = next(batches)
         preview_prompts, batches = first[1][:8], itertools.chain([first], batches)  # the first training captions
+    model_shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)  # pixels or latents
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
     model.train()
     while step < tc.steps:
         images, captions, reward_batch = next(batches)
         t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
-            args.seed, step, tc.batch_size, images.shape[1:], len(model_cfg.reward_names), tc))
+            args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
+        if vae is not None:  # posterior samples, drawn from a generator of (seed, step, rank): reproducible on resume
+            images = vae.encode(images, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4099 + rank))
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            ids, mask = tokenizer([c if k else "" for c, k in zip(captions[part], keep_text[part].tolist())])
-            condition = {"text": ids.to(device), "text_mask": mask.to(device)}
+            text, mask = encode_text([c if k else "" for c, k in zip(captions[part], keep_text[part].tolist())])
+            condition = {"text": text, "text_mask": mask}
             if model_cfg.reward_names:
                 condition["rewards"] = reward_batch[part].to(device)
                 if tc.reward_dropout > 0:

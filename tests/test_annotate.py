@@ -230,6 +230,28 @@ def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == OUTPUTS
 
 
+def test_torchrun_with_tiny_real_rewards_gives_the_single_process_table(tmp_path, world):
+    """The built-in rewards plus tiny random versions of all seven paper rewards (in their original file layouts,
+    through their real loaders): one process and two ranks write the same table."""
+    options = {**rewards.tiny_clip_family(tmp_path / "clip"), **rewards.tiny_blip_t5(tmp_path / "blip")}
+    names = list(rewards.BUILTIN_REWARDS) + sorted(options)
+    assert {"clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqascore", "sciscore"} <= set(names)
+    flags = ["annotate", "--data", str(world), "--rewards", ",".join(names), "--batch-size", "16",
+             *[f for n, opts in options.items() for k, v in opts.items() for f in ("--reward-option", f"{n}.{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        result = subprocess.run([sys.executable, *launcher, str(REPO / "rewards.py"), *flags, "--out", str(tmp_path / out)],
+                                capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = rows(tmp_path / "one" / "annotations.jsonl")
+    assert len(one) == N and all(set(r) == {"key", *names} for r in one)
+    assert all(np.isfinite(r[n]) for r in one for n in names)
+    two = rows(tmp_path / "two" / "annotations.jsonl")  # the same rows in the same order; the scores agree to float
+    assert [list(r) for r in two] == [list(r) for r in one]  # precision (a rank's batches hold other images, and
+    np.testing.assert_allclose([[r[n] for n in names] for r in two],  # BLAS results depend on the batch)
+                               [[r[n] for n in names] for r in one], rtol=1e-5, atol=1e-6)
+
+
 def test_cli_annotates_the_data_folder_by_default(tmp_path, capsys):
     data.build_shapes_dataset(data.WorldConfig(num_train=N), tmp_path)
     rewards.main(["annotate", "--data-dir", str(tmp_path), "--rewards", "alignment,contrast", "--num-bins", "8",

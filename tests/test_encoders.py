@@ -7,7 +7,6 @@ tokenizers-backed T5Tokenizer built from a tiny Unigram vocabulary (no sentencep
 with open_clip.
 """
 import json
-import string
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import model as M
 
 CAPTIONS = ["a photo of two red cats", "a blue dog", "", "three green squares on the left of a circle " * 3]
-WORDS = "a photo of red blue green cat dog two three circle square squares on the left right".split()
+from conftest import WORDS
 
 
 @pytest.fixture(autouse=True)
@@ -24,22 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -3.0) for w in WORDS]
-    vocab += [(c, -5.0) for c in string.ascii_lowercase] + [("▁" + c, -5.5) for c in string.ascii_lowercase]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    cfg = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1,
-                   num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                   decoder_start_token_id=0)  # FLAN-T5's layout, tiny
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("t5")
-    T5ForConditionalGeneration(cfg).save_pretrained(out)  # encoder + decoder + lm_head, as on the hub
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +43,6 @@ def clip_files(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(open_clip.create_model(config.stem, force_quick_gelu=True).state_dict(), out / "clip.pt")
     return dict(checkpoint=str(out / "clip.pt"), model_config=str(config))
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                        latent_channels=4, sample_size=16)  # the SDXL VAE's class, downsampling by 2
-    out = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +233,38 @@ def test_loaders_are_strict(vae_dir, tmp_path):
     save_file(weights, broken / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError, match="do not match AutoencoderKL"):
         M.SDXLVAE(source=str(broken))
+
+
+# ---- train.py / sample.py with frozen parts ---------------------------------------------------------------------
+
+def test_train_resume_and_sample_with_frozen_t5_and_sdxl_vae(t5_dir, vae_dir, tmp_path):
+    """--text-encoder t5 --vae sdxl through train.py (the model takes T5 features and 4-channel latents), the
+    checkpoint records the frozen parts, --resume alone reloads them, and sample.py decodes to pixels."""
+    import sample
+    import train
+    from conftest import tiny_train_args
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "miro"
+    frozen = ["--text-encoder", "t5", "--text-encoder-option", f"source={t5_dir}",
+              "--text-encoder-option", "max_length=12", "--vae", "sdxl", "--vae-option", f"source={vae_dir}"]
+    train.main(tiny_train_args(runs, *frozen, "--steps", "3", "--keep-every", "0", "--log-every", "1"))
+    ckpt = M.load_checkpoint(run / "ckpt.pt")
+    cfg = M.ModelConfig(**ckpt["config"])
+    assert (cfg.in_channels, cfg.vocab_size, cfg.text_dim, cfg.max_text_len, cfg.image_size) == (4, 0, 16, 12, 16)
+    assert ckpt["frozen"] == {"text_encoder": {"name": "t5", "source": str(t5_dir), "max_length": "12"},
+                              "vae": {"name": "sdxl", "source": str(vae_dir)}}
+    assert not any(k.startswith(("text_embedder.words", "text_embedder.pos")) for k in ckpt["model"])
+    init = M.MIRO(cfg).state_dict()  # the text projection learned from the T5 features
+    assert not torch.equal(ckpt["model"]["text_embedder.proj.weight"], init["text_embedder.proj.weight"])
+    log = (run / "log.txt").read_text()
+    assert "loss nan" not in log and log.count("step ") >= 3
+
+    train.main(tiny_train_args(runs, "--resume", str(run), "--steps", "4", "--keep-every", "0"))  # frozen parts: the run's
+    assert M.load_checkpoint(run / "ckpt.pt")["step"] == 4
+    with pytest.raises(SystemExit):  # another text encoder cannot continue this run
+        train.main(tiny_train_args(runs, "--resume", str(run), "--steps", "5", "--text-encoder", "clip"))
+
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", str(run), "--prompt", "a red cat", "--n", "2", "--steps", "2", "--out", str(out)])
+    from PIL import Image
+    singles = sorted((tmp_path / "grid").glob("*.png"))
+    assert len(singles) == 2 and Image.open(singles[0]).size == (32, 32)  # 16x16 latents decoded by the 2x VAE
