@@ -873,7 +873,8 @@ def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS):
 
 
 class MiroDataset(torch.utils.data.Dataset):
-    """Training items (image float32 (3,H,W) in [-1,1], caption, rewards float32 (R,) in [0,1]; (0,) if None)."""
+    """Training items (image float32 (3,H,W) in [-1,1], caption, rewards float32 (R,) in [0,1] ((0,) if None),
+    (key, "caption")): the item layout of every training dataset here (RecordDataset too)."""
 
     def __init__(self, samples: ImageTextSamples, reward_values: np.ndarray | None = None):
         if reward_values is not None and (reward_values.ndim != 2 or len(reward_values) != len(samples)):
@@ -887,13 +888,19 @@ class MiroDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = torch.from_numpy(np.array(self.samples.images[i])).permute(2, 0, 1).float() / 127.5 - 1
-        return image, self.samples.captions[i], self.rewards[i]
+        return image, self.samples.captions[i], self.rewards[i], (self.samples.keys[i], "caption")
 
 
 def collate(batch):
-    """List of items -> (images (B,3,H,W), captions list[str], rewards (B,R))."""
-    images, captions, rewards = zip(*batch)
-    return torch.stack(images), list(captions), torch.stack(rewards)
+    """List of items -> (images (B,3,H,W), captions list[str], rewards (B,R), sources list[(key, caption field)])."""
+    images, captions, rewards, sources = zip(*batch)
+    return torch.stack(images), list(captions), torch.stack(rewards), list(sources)
+
+
+def text_key(key: str, field: str = "caption") -> str:
+    """The name of one caption of a sample in a text-embedding cache: its key, or "key@field" for another caption
+    field (as annotation columns name a reward scored on another field)."""
+    return key if field == "caption" else f"{key}@{field}"
 
 
 class ShardedSampler(torch.utils.data.Sampler):
@@ -1011,7 +1018,8 @@ def shuffled(items, buffer_size: int, rng: np.random.Generator):
 
 
 class RecordDataset(torch.utils.data.IterableDataset):
-    """Training items (image float32 (3,S,S) in [-1,1], caption, rewards float32 (R,) in [0,1]) streamed from any
+    """Training items (image float32 (3,S,S) in [-1,1], caption, rewards float32 (R,) in [0,1], (key, caption field))
+    streamed from any
     record source (`open_dataset`) for one rank. Each DataLoader worker reads its own share (`iter_records`), so
     an epoch yields every usable sample exactly once over all ranks and workers. Epoch e (`set_epoch`) permutes
     indexed sources and the shard order with seed [seed, resume, e]; shuffle_buffer > 1 also mixes within shards.
@@ -1051,8 +1059,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
                                            seed=[self.seed, self.resume, self.epoch])
         before = self.stats
         items = (item for item in (self._item(r, rng) for r in records) if item is not None)
-        for image, caption, values in shuffled(items, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else items:
-            yield image.float() / 127.5 - 1, caption, values  # uint8 until here: 4x less memory in the buffer
+        for image, *rest in shuffled(items, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else items:
+            yield image.float() / 127.5 - 1, *rest  # uint8 until here: 4x less memory in the buffer
         if self.report:  # this pass's counts
             print(f"data: rank {self.rank} worker {worker_id} epoch {self.epoch}: "
                   + ", ".join(f"{k} {v - before.get(k, 0)}" for k, v in self.stats.items()), flush=True)
@@ -1073,11 +1081,11 @@ class RecordDataset(torch.utils.data.IterableDataset):
             values = hit[0] if hit else np.zeros(len(self.rewards.names), np.float32)  # no row: every bin 0
         self.counts["synthetic"] += field == SYNTHETIC
         return (center_crop_resize(record.image, self.image_size), record.captions[field],
-                torch.from_numpy(np.array(values, np.float32)))
+                torch.from_numpy(np.array(values, np.float32)), (record.key, field))
 
 
 def stream_batches(dataset: RecordDataset, batch_size: int, num_workers: int = 0, resume: int = 0):
-    """Endless batches (images, captions, rewards) of a RecordDataset, epoch after epoch, one DataLoader pass each
+    """Endless batches (images, captions, rewards, sources) of a RecordDataset, epoch after epoch, one DataLoader pass each
     (each worker drops its last partial batch). resume: the step a resumed run restarts at; its epochs come
     from a seed stream of their own, so it reads fresh, reproducible permutations instead of the rest of the
     interrupted epoch (a stream's position within an epoch is not stored)."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import kernels
 
@@ -466,8 +467,7 @@ class ModelConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
 
-PAPER_REWARDS = ("clip_score", "aesthetic_score", "image_reward_score", "pick_a_score_score", "hpsv2_score",
-                 "vqa_score", "sciscore_score")
+PAPER_REWARDS = ("clip", "aesthetic", "imagereward", "pickscore", "hpsv2", "vqascore", "sciscore")  # rewards.py names
 
 PRESETS = {
     # Unit tests: milliseconds per forward.
@@ -543,19 +543,6 @@ def model_from_checkpoint(ckpt, ema=True):
     except RuntimeError as e:  # missing / unexpected keys or shapes: a weights-config mismatch, in one line
         raise ValueError(f"checkpoint weights do not fit its config: {' '.join(str(e).split())[:300]}") from e
     return model.eval(), WordTokenizer.from_state_dict(ckpt["tokenizer"])
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Print the parameter count of the model presets.")
-    parser.add_argument("--preset", choices=list(PRESETS), help="one preset (default: all)")
-    args = parser.parse_args()
-    for name in [args.preset] if args.preset else PRESETS:
-        cfg = get_config(name)
-        with torch.device("meta"):  # counts parameters without allocating them
-            model = MIRO(cfg)
-        tokens = (cfg.image_size // cfg.patch_size) ** 2
-        print(f"{name:>6}: {count_parameters(model) / 1e6:8.2f}M parameters  (width {cfg.width}, depth "
-              f"{cfg.depth}, heads {cfg.num_heads}, {tokens} image tokens, {len(cfg.reward_names)} rewards)")
 
 
 #################################################################################
@@ -763,6 +750,40 @@ def load_frozen(spec, device="cpu"):
     return load_text_encoder(text.pop("name"), device, **text), load_vae(vae.pop("name"), device, **vae)
 
 
+def frozen_spec(text_encoder="builtin", text_options=(), vae="none", vae_options=()):
+    """The spec `load_frozen` takes, from command-line values: names and "KEY=VALUE" option strings (ValueError for
+    a malformed item, or for options given to the built-in text embedding / pixel space)."""
+    spec = {}
+    for part, name, items, off in (("text_encoder", text_encoder, text_options, "builtin"),
+                                   ("vae", vae, vae_options, "none")):
+        options = {}
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not (key and eq):
+                raise ValueError(f"--{part.replace('_', '-')}-option {item!r} is not of the form KEY=VALUE")
+            options[key] = value
+        if name == off and options:
+            raise ValueError(f"--{part.replace('_', '-')}-option needs --{part.replace('_', '-')} other than {off}")
+        if name != off:
+            spec[part] = {"name": name, **options}
+    return spec
+
+
+def add_frozen_args(parser):
+    """The --text-encoder / --vae flags (and their options) shared by train.py and `model.py precompute`."""
+    parser.add_argument("--text-encoder", default="builtin", choices=["builtin", *TEXT_ENCODERS],
+                        help="builtin: a trainable word embedding (the built-in data); t5: frozen FLAN-T5 (the paper: "
+                             "source=google/flan-t5-xl, the default); clip: the frozen CLIP ViT-L/14 text tower")
+    parser.add_argument("--text-encoder-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a constructor option of the frozen text encoder, e.g. source=DIR, max_length=256 "
+                             "(repeatable; model.T5TextEncoder / CLIPTextEncoder list them)")
+    parser.add_argument("--vae", default="none", choices=["none", "sdxl"],
+                        help="none: pixel space; sdxl: the frozen SDXL VAE's latents (the preset's image_size is "
+                             "then the latent side; images are 8x larger)")
+    parser.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a constructor option of the VAE, e.g. source=DIR, precision=fp32 (repeatable)")
+
+
 def adapt_config(cfg, text_encoder=None, vae=None):
     """The model config that fits these frozen parts: float text features of the encoder's width and length
     (vocab_size 0), and the VAE's latent channels (image_size stays the latent side)."""
@@ -902,10 +923,11 @@ class LatentCache:
 
 
 def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_size=64, chunk_size=1024,
-                     dtype=torch.float16):
+                     dtype=torch.float16, split=True):
     """Encode (key, item) records into the cache folder `root`, alone or as one rank of a torchrun job; returns how
     many samples this rank encoded. Every rank iterates the same records and takes every world_size-th one from
-    the rank-th, skipping keys already cached (resume, under any world size). encode(keys, items) -> one tensor
+    the rank-th (split=False: `records` is already this rank's share), skipping keys already cached (resume,
+    under any world size). encode(keys, items) -> one tensor
     (len_i, ...) per item. When all ranks are done (a barrier if torch.distributed is initialised: give the
     process group a timeout longer than the slowest rank's work), rank 0 merges the index."""
     from safetensors.torch import save
@@ -923,7 +945,7 @@ def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_si
     done = {k for name in _chunk_names(root) for k in _chunk_keys(root / name)}
     prefix = f"chunk-{world_size}x{rank:04d}-"
     n_chunks = sum(name.startswith(prefix) for name in _chunk_names(root))
-    mine = (r for i, r in enumerate(records) if i % world_size == rank and r[0] not in done)
+    mine = (r for i, r in enumerate(records) if (not split or i % world_size == rank) and r[0] not in done)
     keys, items, written = [], [], 0
     while True:
         batch = list(itertools.islice(mine, batch_size))
@@ -950,19 +972,19 @@ def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_si
 
 
 def precompute_text_embeddings(root, records, encoder, rank=0, world_size=1, batch_size=64, chunk_size=1024,
-                               dtype=torch.float16):
+                               dtype=torch.float16, split=True):
     """Cache encoder(captions) for (key, caption) records (plus the empty caption under EMPTY_CAPTION_KEY): only each
     caption's real tokens are stored; TextEmbeddingCache pads them back to encoder.max_length."""
     def encode(keys, captions):
         features, mask = encoder(captions)
         return [f[: int(m.sum())] for f, m in zip(features, mask)]
     meta = {"kind": "text", "encoder": encoder.name, "dim": encoder.dim, "max_length": encoder.max_length}
-    records = itertools.chain([(EMPTY_CAPTION_KEY, "")], records)
-    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype)
+    records = itertools.chain([(EMPTY_CAPTION_KEY, "")] if rank == 0 or split else [], records)
+    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype, split)
 
 
 def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_size=1, batch_size=64,
-                       chunk_size=4096, dtype=torch.float16):
+                       chunk_size=4096, dtype=torch.float16, split=True):
     """Cache normalised SDXL latents for (key, image float (3, image_size, image_size) in [-1, 1]) records, each
     sampled from its posterior with key_generator(key, seed) (so the same on any rank, batch or rerun)."""
     def encode(keys, images):
@@ -972,7 +994,89 @@ def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_siz
         return list(vae.encode(x, [key_generator(k, seed) for k in keys])[:, None])  # (1, 4, h, w) each
     meta = {"kind": "latent", "vae": vae.name, "image_size": image_size, "seed": seed,
             "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE}
-    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype)
+    return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype, split)
+
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def precompute(args):
+    """Fill the text-embedding and/or latent cache of a dataset, alone or under torchrun (each rank encodes its
+    share of the records; rank 0 merges the index). Resumable: a rerun skips every key already cached."""
+    import data
+    rank, world_size = 0, 1
+    if "RANK" in os.environ:  # torchrun: a long timeout, since ranks finish their shares at different times
+        from datetime import timedelta
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(hours=12))
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+    text_encoder, vae = load_frozen(frozen_spec(args.text_encoder, args.text_encoder_option, args.vae,
+                                                args.vae_option), device)
+    source = data.open_dataset(args.data, min_size=args.min_image_size)
+
+    def records(what):  # this rank's usable records, with a progress bar on rank 0
+        for record in tqdm(source.iter_records(rank, world_size), desc=f"{what} (rank 0's share)", disable=rank > 0,
+                           unit="img"):
+            if record.error:
+                continue
+            if what == "text":
+                yield from ((data.text_key(record.key, f), record.captions[f]) for f in ("caption", data.SYNTHETIC)
+                            if record.captions.get(f))
+            else:
+                yield record.key, data.center_crop_resize(record.image, args.image_size).float() / 127.5 - 1
+
+    out = Path(args.out)
+    options = dict(rank=rank, world_size=world_size, batch_size=args.batch_size, split=False)
+    if text_encoder is not None:
+        n = precompute_text_embeddings(out / "text", records("text"), text_encoder, **options)
+        print(f"rank {rank}: {n} captions encoded into {out / 'text'}", flush=True)
+    if vae is not None:
+        n = precompute_latents(out / "latents", records("latents"), vae, args.image_size, seed=args.seed, **options)
+        print(f"rank {rank}: {n} images encoded into {out / 'latents'}", flush=True)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def print_parameters(args):
+    for name in [args.preset] if args.preset else PRESETS:
+        cfg = get_config(name)
+        with torch.device("meta"):  # counts parameters without allocating them
+            model = MIRO(cfg)
+        tokens = (cfg.image_size // cfg.patch_size) ** 2
+        print(f"{name:>6}: {count_parameters(model) / 1e6:8.2f}M parameters  (width {cfg.width}, depth "
+              f"{cfg.depth}, heads {cfg.num_heads}, {tokens} image tokens, {len(cfg.reward_names)} rewards)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Model presets and frozen-encoder caches. With no command: the "
+                                                 "parameter count of every preset.")
+    parser.add_argument("--preset", choices=list(PRESETS), help="one preset (default: all)")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("precompute", help="encode a dataset's captions / images into caches train.py reads",
+                       description=precompute.__doc__)
+    p.add_argument("--data", required=True, help="a dataset in any format data.py reads (as train.py --data)")
+    p.add_argument("--out", required=True,
+                   help="cache folder: OUT/text and OUT/latents (train.py --text-cache OUT/text --latent-cache "
+                        "OUT/latents)")
+    add_frozen_args(p)
+    p.add_argument("--image-size", type=int, default=256, help="pixel side the images are cropped to (the paper: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each image's posterior sample (with its key)")
+    p.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is below this")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per encoder call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")
+    args = parser.parse_args(argv)
+    if args.command != "precompute":
+        return print_parameters(args)
+    if args.text_encoder == "builtin" and args.vae == "none":
+        parser.error("nothing to precompute: give --text-encoder t5|clip and/or --vae sdxl")
+    if args.image_size <= 0 or args.batch_size <= 0:
+        parser.error("--image-size and --batch-size must be > 0")
+    try:
+        precompute(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        parser.error(" ".join(str(e).split())[:400])
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import kernels
 import rewards
-from model import (MIRO, PRESETS, ModelConfig, WordTokenizer, adapt_config, count_parameters, get_config,
+from model import (EMPTY_CAPTION_KEY, MIRO, PRESETS, LatentCache, ModelConfig, TextEmbeddingCache, WordTokenizer,
+                   adapt_config, add_frozen_args, count_parameters, frozen_spec, get_config, key_generator,
                    load_checkpoint, load_frozen, save_checkpoint, trim_padding)
 from sample import generate, save_grid
 
@@ -162,8 +163,9 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default="runs", help="folder holding the run folders")
     p.add_argument("--resume", default=None, help="run folder (or ckpt.pt) to continue")
     p.add_argument("--no-rewards", action="store_true", help="train the baseline: same network, no reward tokens")
-    p.add_argument("--rewards", default=",".join(rewards.BUILTIN_REWARDS),
-                   help="comma-separated rewards to condition on (default: every built-in reward)")
+    p.add_argument("--rewards", default=None,
+                   help="comma-separated rewards to condition on (default: the seven of the paper for --preset "
+                        "paper, every built-in reward otherwise); names are annotation columns")
     p.add_argument("--data-dir", default=None,
                    help="built-in dataset folder (default: runs/_data/shapes<size>_n<N>_seed<S>; built if missing)")
     p.add_argument("--num-train", type=int, default=20000, help="size of the built-in training set")
@@ -183,17 +185,12 @@ def parse_args(argv=None):
     p.add_argument("--min-image-size", type=int, default=0,
                    help="--data: skip images whose shorter side is below this many pixels (default 0: keep all)")
     p.add_argument("--data-workers", type=int, default=4, help="--data: dataloader worker processes per rank")
-    p.add_argument("--text-encoder", default="builtin", choices=["builtin", "t5", "clip"],
-                   help="builtin: a trainable word embedding (the built-in data); t5: frozen FLAN-T5 (the paper: "
-                        "source=google/flan-t5-xl); clip: the frozen CLIP ViT-L/14 text tower")
-    p.add_argument("--text-encoder-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor option of the frozen text encoder, e.g. source=DIR, max_length=256 "
-                        "(repeatable; model.T5TextEncoder / CLIPTextEncoder list them)")
-    p.add_argument("--vae", default="none", choices=["none", "sdxl"],
-                   help="none: pixel space; sdxl: the frozen SDXL VAE's latents (the preset's image_size is then the "
-                        "latent side, images are 8x larger)")
-    p.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor option of the VAE, e.g. source=DIR, precision=fp32 (repeatable)")
+    add_frozen_args(p)
+    p.add_argument("--text-cache", default=None,
+                   help="a text-embedding cache of --data (model.py precompute's OUT/text, same encoder) read "
+                        "instead of running the text encoder on training captions")
+    p.add_argument("--latent-cache", default=None,
+                   help="a latent cache of --data (OUT/latents, same VAE and image size) read instead of encoding")
     p.add_argument("--num-bins", type=int, default=64, help="reward bins B (value k/(B-1))")
     p.add_argument("--binning", default="quantile", choices=["quantile", "uniform"], help="bin edges")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order")
@@ -238,21 +235,14 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             p.error(message)
-    frozen = {}
-    for part, name, flag, items in (("text_encoder", args.text_encoder, "--text-encoder-option",
-                                     args.text_encoder_option), ("vae", args.vae, "--vae-option", args.vae_option)):
-        options = {}
-        for item in items:
-            key, eq, value = item.partition("=")
-            if not (key and eq):
-                p.error(f"{flag} {item!r} is not of the form KEY=VALUE")
-            options[key] = value
-        if name in ("builtin", "none"):
-            if options:
-                p.error(f"{flag} needs --{part.replace('_', '-')} other than {name}")
-        else:
-            frozen[part] = {"name": name, **options}
-    args.frozen = frozen  # stored in checkpoints, so sample.py / evaluate.py load the same frozen parts
+    try:
+        args.frozen = frozen_spec(args.text_encoder, args.text_encoder_option, args.vae, args.vae_option)
+    except ValueError as e:
+        p.error(str(e))
+    if args.text_cache and args.text_encoder == "builtin" or args.latent_cache and args.vae == "none":
+        p.error("--text-cache needs --text-encoder t5|clip, and --latent-cache needs --vae sdxl (the cached encoder)")
+    if args.rewards is None:
+        args.rewards = ",".join(PRESETS["paper"].reward_names if args.preset == "paper" else rewards.BUILTIN_REWARDS)
     args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
     unknown = [r for r in args.reward_names if r not in rewards.BUILTIN_REWARDS]
     if unknown and args.data is None:  # --data: checked against the annotation columns instead
@@ -285,6 +275,52 @@ def prepare_real_data(args, image_size, rank, world_size, reward_names, resume_b
                                  rank, world_size, seed=args.seed, report=True,
                                  shuffle_buffer=256 if source.format == "webdataset" else 0)
     return dataset, bins
+
+
+class ModelInputs:
+    """A training batch -> the generator's inputs, with one behaviour whether frozen encoders run or their caches
+    (model.py precompute) are read.
+
+    text: the WordTokenizer's ids, or the frozen encoder's features cut to the batch's longest caption; a dropped
+    caption is the empty one (EMPTY_CAPTION_KEY in a cache). images: pixels, or normalised VAE latents, each a
+    posterior sample drawn with key_generator(key, seed), so a cached latent and one encoded now are the same sample.
+    """
+
+    def __init__(self, tokenizer, text_encoder, vae, device, seed=0, text_cache=None, latent_cache=None,
+                 image_size=None):
+        self.tokenizer, self.text_encoder, self.vae, self.device, self.seed = tokenizer, text_encoder, vae, device, seed
+        self.text_cache = TextEmbeddingCache(text_cache) if text_cache else None
+        self.latent_cache = LatentCache(latent_cache) if latent_cache else None
+        if self.text_cache and (self.text_cache.name, self.text_cache.max_length) != (text_encoder.name,
+                                                                                       text_encoder.max_length):
+            raise ValueError(f"--text-cache {text_cache} holds {self.text_cache.name} features of "
+                             f"{self.text_cache.max_length} tokens, not {text_encoder.name}'s {text_encoder.max_length}")
+        if self.latent_cache and (self.latent_cache.name, self.latent_cache.image_size, self.latent_cache.seed) != (
+                vae.name, image_size, seed):
+            raise ValueError(f"--latent-cache {latent_cache} holds {self.latent_cache.name} latents of "
+                             f"{self.latent_cache.image_size} px images (seed {self.latent_cache.seed}), not "
+                             f"{vae.name} at {image_size} px (seed {seed})")
+
+    def text(self, captions, sources, keep):
+        """(text, mask) on the device for captions (list), their (key, field) sources and keep flags (bool (B,))."""
+        keep = keep.tolist()
+        if self.text_encoder is None:
+            ids, mask = self.tokenizer([c if k else "" for c, k in zip(captions, keep)])
+        elif self.text_cache is not None:
+            ids, mask = trim_padding(*self.text_cache([data.text_key(*s) if k else EMPTY_CAPTION_KEY
+                                                       for s, k in zip(sources, keep)]))
+        else:
+            ids, mask = trim_padding(*self.text_encoder([c if k else "" for c, k in zip(captions, keep)]))
+        return ids.to(self.device), mask.to(self.device)
+
+    def images(self, images, sources):
+        """x0 for pixel images (B, 3, S, S) in [-1, 1]: the images, or their normalised latents."""
+        if self.vae is None:
+            return images
+        keys = [key for key, _ in sources]
+        if self.latent_cache is not None:
+            return self.latent_cache(keys)
+        return self.vae.encode(images, [key_generator(key, self.seed) for key in keys])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,14 +476,11 @@ def main(argv=None):
     tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)  # kept in checkpoints either way
     if text_encoder is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
-
-    def encode_text(captions):
-        """captions -> (text, mask) on the device: word ids, or frozen features cut to the batch's longest caption."""
-        if text_encoder is None:
-            ids, mask = tokenizer(captions)
-            return ids.to(device), mask.to(device)
-        features, mask = trim_padding(*text_encoder(captions))
-        return features.to(device), mask.to(device)
+    try:
+        inputs = ModelInputs(tokenizer, text_encoder, vae, device, args.seed, args.text_cache, args.latent_cache,
+                             pixel_size)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     torch.manual_seed(args.seed)
     model = MIRO(model_cfg).to(device)
     ema = MIRO(model_cfg).to(device).requires_grad_(False)
@@ -563,15 +596,14 @@ def main(argv=None):
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
     model.train()
     while step < tc.steps:
-        images, captions, reward_batch = next(batches)
+        images, captions, reward_batch, sources = next(batches)
         t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
             args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
-        if vae is not None:  # posterior samples, drawn from a generator of (seed, step, rank): reproducible on resume
-            images = vae.encode(images, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4099 + rank))
+        images = inputs.images(images, sources)
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            text, mask = encode_text([c if k else "" for c, k in zip(captions[part], keep_text[part].tolist())])
+            text, mask = inputs.text(captions[part], sources[part], keep_text[part])
             condition = {"text": text, "text_mask": mask}
             if model_cfg.reward_names:
                 condition["rewards"] = reward_batch[part].to(device)

@@ -282,7 +282,8 @@ def test_build_dataset_and_views(tmp_path):
 
     rewards = np.random.default_rng(0).random((40, 3)).astype(np.float32)
     ds = data.MiroDataset(samples, rewards)
-    img, cap, r = ds[5]
+    img, cap, r, source = ds[5]
+    assert source == (s5["key"], "caption")
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and -1 <= img.min() and img.max() <= 1
     assert torch.allclose((img + 1) / 2, x[1], atol=1e-6) and cap == s5["caption"]
     assert torch.equal(r, torch.from_numpy(rewards[5]))
@@ -293,7 +294,8 @@ def test_build_dataset_and_views(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_sampler=data.ShardedSampler(40, 8), collate_fn=data.collate)
     batches = list(loader)
     assert len(batches) == 5
-    images, captions, rw = batches[0]
+    images, captions, rw, sources = batches[0]
+    assert sources == [(samples.keys[i], "caption") for i in data.ShardedSampler(40, 8).batches(0)[0]]
     assert images.shape == (8, 3, 32, 32) and len(captions) == 8 and rw.shape == (8, 3)
 
     data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # changed config: rebuilt

@@ -289,7 +289,7 @@ def captions_seen(path, rank, world_size, num_workers, epoch=0):
                                  shuffle_buffer=4)
     dataset.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    return [caption for _, caption, _ in loader]
+    return [caption for _, caption, *_ in loader]
 
 
 @pytest.mark.parametrize("num_shards", [6, 3])  # at least as many shards as the 4 consumers, and fewer
@@ -347,9 +347,10 @@ def items_by_key(datasets, samples, table, **options):
         by_caption[s["caption"].decode("utf-8", "replace").strip()] = (s["meta"]["key"], "caption")
         by_caption[s["meta"].get(data.SYNTHETIC)] = (s["meta"]["key"], data.SYNTHETIC)
     out = {}
-    for image, caption, values in dataset:
+    for image, caption, values, source in dataset:
         assert image.shape == (3, 16, 16) and -1 <= image.min() and image.max() <= 1
         key, field = by_caption[caption]
+        assert source == (key, field)  # the item names the sample and the caption field it trains on
         out[key] = (field, values.numpy())
     return dataset, out
 
@@ -402,10 +403,11 @@ def test_synthetic_choice_is_seeded_and_near_p(samples, tmp_path):
             for s in many_samples(samples, 200)]
     source = data.open_dataset(write_manifest(many, tmp_path / "m.jsonl"))
     dataset = data.RecordDataset(source, 8, synthetic_caption_prob=0.5, seed=1)
-    first, second = ([c.startswith("syn ") for _, c, _ in dataset] for _ in range(2))
+    first, second = ([c.startswith("syn ") for _, c, *_ in dataset] for _ in range(2))
     assert first == second and 0.35 < np.mean(first) < 0.65
+    assert [field == data.SYNTHETIC for *_, (_, field) in dataset] == first  # the item names the field it chose
     dataset.set_epoch(1)
-    assert [c.startswith("syn ") for _, c, _ in dataset] != first
+    assert [c.startswith("syn ") for _, c, *_ in dataset] != first
 
 
 

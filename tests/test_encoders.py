@@ -268,3 +268,49 @@ def test_train_resume_and_sample_with_frozen_t5_and_sdxl_vae(t5_dir, vae_dir, tm
     from PIL import Image
     singles = sorted((tmp_path / "grid").glob("*.png"))
     assert len(singles) == 2 and Image.open(singles[0]).size == (32, 32)  # 16x16 latents decoded by the 2x VAE
+
+
+def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_dir, vae_dir, tmp_path):
+    """`model.py precompute` (one process, and two torchrun ranks for the text cache) fills the caches that
+    train.ModelInputs reads in place of the encoders: the same text features and latents within fp16 rounding,
+    dropped captions included; then train.py trains from them."""
+    import os
+    import subprocess
+    import sys
+
+    import data
+    import train
+    from conftest import tiny_train_args
+    runs = tmp_path / "runs"
+    world = data.build_shapes_dataset(data.WorldConfig(image_size=32, num_train=48), tmp_path / "data")  # train's
+    text_flags = ["--text-encoder", "t5", "--text-encoder-option", f"source={t5_dir}",
+                  "--text-encoder-option", "max_length=12"]
+    vae_flags = ["--vae", "sdxl", "--vae-option", f"source={vae_dir}"]
+    M.main(["precompute", "--data", str(world), "--out", str(tmp_path / "cache"), *text_flags, *vae_flags,
+            "--image-size", "32", "--batch-size", "5"])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(M.__file__), "precompute", "--data", str(world), "--out", str(tmp_path / "two"),
+                          *text_flags, "--batch-size", "5"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    samples = data.ImageTextSamples(world)
+    images, captions, _, sources = data.collate([data.MiroDataset(samples)[i] for i in (3, 0, 17, 40)])
+    keep = torch.tensor([True, False, True, True])
+    text_encoder, vae = M.load_frozen(train.frozen_spec("t5", text_flags[3::2], "sdxl", vae_flags[3::2]))
+    live = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0)
+    cached = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0, text_cache=tmp_path / "cache" / "text",
+                               latent_cache=tmp_path / "cache" / "latents", image_size=32)
+    by_two = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0, text_cache=tmp_path / "two" / "text")
+    (f, m), (fc, mc), (f2, m2) = (x.text(captions, sources, keep) for x in (live, cached, by_two))
+    assert torch.equal(m, mc) and torch.equal(m, m2) and m[1].sum() == 1  # the dropped caption is "" (just </s>)
+    torch.testing.assert_close(fc, f, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(f2, fc, rtol=2e-3, atol=1e-3)  # two ranks cached what one process cached
+    torch.testing.assert_close(cached.images(images, sources), live.images(images, sources), rtol=2e-3, atol=2e-3)
+    assert len(M.TextEmbeddingCache(tmp_path / "two" / "text").cache) == 49  # 48 captions + the empty one
+
+    caches = ["--text-cache", str(tmp_path / "cache" / "text"), "--latent-cache", str(tmp_path / "cache" / "latents")]
+    train.main(tiny_train_args(runs, *text_flags, *vae_flags, *caches, "--steps", "2", "--keep-every", "0"))
+    assert M.load_checkpoint(runs / "miro" / "ckpt.pt")["step"] == 2
+    with pytest.raises(SystemExit):  # a latent cache of another posterior seed is refused
+        train.main(tiny_train_args(runs, *text_flags, *vae_flags, *caches, "--seed", "1", "--name", "other"))
