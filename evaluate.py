@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 import rewards
-from sample import generate, open_checkpoint, parse_reward_targets, save_grid, to_uint8
+from sample import generate, open_checkpoint, parse_reward_targets, to_uint8
 
 SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
 

@@ -15,8 +15,6 @@ Conventions (shared by the whole repo):
 """
 import argparse
 import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -4,6 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import json
 import string
 
 import pytest
@@ -62,3 +63,18 @@ def vae_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_files(tmp_path_factory):
+    import open_clip
+    out = tmp_path_factory.mktemp("clip")
+    config = out / "tiny-clip-text.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(config.stem, force_quick_gelu=True).state_dict(), out / "clip.pt")
+    return dict(checkpoint=str(out / "clip.pt"), model_config=str(config))

@@ -4,7 +4,6 @@ import json
 import os
 from collections import Counter
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -477,3 +477,16 @@ def test_real_data_cli_errors_are_one_line(datasets, annotation_file, tmp_path, 
             train.main(["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), *flags])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in err and "Traceback" not in err
+
+
+def test_training_steps_with_frozen_clip_text_and_sdxl_vae(datasets, annotation_file, clip_files, vae_dir, tmp_path):
+    """Real images through the frozen parts of a real run: WebDataset shards, the CLIP text tower and the VAE."""
+    import train
+    from model import ModelConfig, load_checkpoint
+    options = [f for k, v in clip_files.items() for f in ("--text-encoder-option", f"{k}={v}")]
+    train.main(real_train_args(tmp_path, datasets["shard_pattern"], annotation_file, "--text-encoder", "clip",
+                               *options, "--vae", "sdxl", "--vae-option", f"source={vae_dir}"))
+    ckpt = load_checkpoint(tmp_path / "miro" / "ckpt.pt")
+    cfg = ModelConfig(**ckpt["config"])
+    assert ckpt["step"] == 3 and (cfg.in_channels, cfg.vocab_size, cfg.text_dim, cfg.max_text_len) == (4, 0, 24, 77)
+    assert "loss nan" not in (tmp_path / "miro" / "log.txt").read_text()

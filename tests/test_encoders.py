@@ -6,7 +6,6 @@ same code that loads google/flan-t5-xl, ViT-L-14/openai and stabilityai/sdxl-vae
 tokenizers-backed T5Tokenizer built from a tiny Unigram vocabulary (no sentencepiece needed); CLIP's BPE ships
 with open_clip.
 """
-import json
 
 import pytest
 import torch
@@ -28,21 +27,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def t5(t5_dir):
     return M.load_text_encoder("t5", source=str(t5_dir), max_length=12)
-
-
-@pytest.fixture(scope="module")
-def clip_files(tmp_path_factory):
-    import open_clip
-    out = tmp_path_factory.mktemp("clip")
-    config = out / "tiny-clip-text.json"
-    config.write_text(json.dumps({
-        "embed_dim": 16, "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 2}}))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(config.stem, force_quick_gelu=True).state_dict(), out / "clip.pt")
-    return dict(checkpoint=str(out / "clip.pt"), model_config=str(config))
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,41 @@ def test_tokenizer_takes_any_prompt(prompt):
     tokenizer = WordTokenizer(data.vocabulary(), max_len=8)
     ids, mask = tokenizer([prompt])
     assert ids.shape == (1, 8) and torch.equal(mask, ids != 0) and (ids < len(tokenizer)).all()
+
+
+def _encoded(fmt: str, mode: str) -> bytes:
+    """A small real image file, for mutations that keep a valid header and break the rest."""
+    rng = np.random.default_rng(0)
+    image = data.Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+REAL_FILES = [_encoded(fmt, mode) for fmt, mode in [("PNG", "RGB"), ("PNG", "P"), ("PNG", "LA"), ("JPEG", "RGB"),
+                                                     ("JPEG", "L"), ("GIF", "P"), ("BMP", "RGB")]]
+mutated_files = st.builds(
+    lambda base, cut, flips: bytes(b ^ x if i in flips else b for i, (b, x) in enumerate(zip(base[:cut], [0x5A] * cut))),
+    st.sampled_from(REAL_FILES), st.integers(0, 400), st.sets(st.integers(0, 400), max_size=6))
+image_bytes = st.one_of(st.binary(max_size=300), mutated_files, st.sampled_from(REAL_FILES))
+
+
+@FUZZ
+@given(files=st.lists(image_bytes, min_size=1, max_size=6), min_size=st.sampled_from([0, 4, 10]))
+def test_random_bytes_as_images(files, min_size):
+    """Random and mutated image files in an image folder: each decodes to an RGB image of the training size or is
+    skipped and counted as unreadable / too small; nothing else happens and no sample is lost from the counts."""
+    with tempfile.TemporaryDirectory() as d:
+        for i, blob in enumerate(files):
+            (Path(d) / f"{i}.png").write_bytes(blob)
+            (Path(d) / f"{i}.txt").write_text(f"caption {i}")
+        for i, blob in enumerate(files):
+            image, reason = data.load_image(io.BytesIO(blob), min_size=min_size)
+            assert (image is None) != (reason is None) and reason in (None, "unreadable", "too_small", "too_large")
+            assert image is None or (image.mode == "RGB" and min(image.size) >= max(min_size, 1))
+        dataset = data.RecordDataset(data.open_dataset(d, min_size=min_size), 8)
+        items = list(dataset)
+        assert all(x.shape == (3, 8, 8) and x.dtype == torch.float32 and x.abs().max() <= 1 for x, *_ in items)
+        stats = dataset.stats
+        assert stats["ok"] == len(items) and sum(v for k, v in stats.items() if k in data.SKIP_REASONS) + \
+            len(items) == len(files), stats
