@@ -244,9 +244,10 @@ def parse_args(argv=None):
     if args.rewards is None:
         args.rewards = ",".join(PRESETS["paper"].reward_names if args.preset == "paper" else rewards.BUILTIN_REWARDS)
     args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
-    unknown = [r for r in args.reward_names if r not in rewards.BUILTIN_REWARDS]
+    unknown = [r for r in args.reward_names if r not in rewards.REWARDS]
     if unknown and args.data is None:  # --data: checked against the annotation columns instead
-        p.error(f"unknown reward(s) {', '.join(unknown)}; the built-in data has: {', '.join(rewards.BUILTIN_REWARDS)}")
+        p.error(f"unknown reward(s) {', '.join(unknown)}; the built-in data is annotated with "
+                f"{', '.join(rewards.BUILTIN_REWARDS)} (known rewards: {', '.join(rewards.REWARDS)})")
     if not args.no_rewards and not args.reward_names:
         p.error("--rewards is empty; use --no-rewards for the baseline")
     if args.no_rewards and train_cfg.text_dropout == 0 and args.text_dropout is None:
@@ -492,6 +493,10 @@ def main(argv=None):
     reward_values, bins = None, None
     if model_cfg.reward_names and args.data is None:
         annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
+        unscored = [n for n in model_cfg.reward_names if not any(n in s for s in annotations.values())]
+        if unscored:  # a registry reward beyond the built-in ones (e.g. a learned one) is annotated separately
+            parser.error(f"no {', '.join(unscored)} scores in {data_dir / 'annotations.jsonl'}: add them with "
+                         f"python rewards.py annotate --data-dir {data_dir} --rewards {','.join(unscored)} ...")
         scores = {name: [annotations.get(key, {}).get(name, float("nan")) for key in samples.keys]
                   for name in model_cfg.reward_names}  # a missing score is NaN, which the binner maps to 0
         if resume_ckpt is not None:  # the run keeps its bin edges, so sampling targets keep their meaning

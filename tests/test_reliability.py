@@ -280,6 +280,12 @@ def test_train_unwritable_folders(tiny_runs, tmp_path, capsys):
     assert "cannot prepare the data" in line
 
 
+def test_train_registry_reward_without_scores_in_the_built_in_data(tiny_runs, tmp_path, capsys):
+    line = cli_error(train.main, tiny_train_args(tmp_path / "runs", "--data-dir", str(data_dir(tiny_runs)),
+                                                 "--rewards", "alignment,clip"), capsys)
+    assert "no clip scores in" in line and "rewards.py annotate" in line
+
+
 def test_train_dataset_smaller_than_a_batch(tmp_path, capsys):
     line = cli_error(train.main, tiny_train_args(tmp_path / "runs", "--num-train", "4"), capsys)
     assert "the dataset has 4 samples, fewer than one global batch (8)" in line
