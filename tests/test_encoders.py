@@ -4,8 +4,9 @@ Each tiny model is of the real class, saved in the original layout (a full T5For
 and its tokenizer.json, an open_clip state dict + JSON config, an AutoencoderKL folder) and loaded back by the
 same code that loads google/flan-t5-xl, ViT-L-14/openai and stabilityai/sdxl-vae. The T5 tokenizer is a
 tokenizers-backed T5Tokenizer built from a tiny Unigram vocabulary (no sentencepiece needed); CLIP's BPE ships
-with open_clip.
+with open_clip. The tiny models are built by conftest.py's fixtures.
 """
+import json
 
 import pytest
 import torch
@@ -252,6 +253,12 @@ def test_train_resume_and_sample_with_frozen_t5_and_sdxl_vae(t5_dir, vae_dir, tm
     from PIL import Image
     singles = sorted((tmp_path / "grid").glob("*.png"))
     assert len(singles) == 2 and Image.open(singles[0]).size == (32, 32)  # 16x16 latents decoded by the 2x VAE
+
+    import evaluate  # evaluation samples through the same frozen parts and judges decoded pixels
+    evaluate.main(["rewards", "--ckpt", str(run), "--n-per-prompt", "1", "--steps", "2", "--min-per-task", "1",
+                   "--out", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "rewards.json").read_text())["rewards"]
+    assert result and all(0 <= v["mean"] <= 1 for v in result.values())
 
 
 def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_dir, vae_dir, tmp_path):
