@@ -76,6 +76,11 @@ TRAIN_PRESETS = {
 }
 
 
+def kept_checkpoint(run_dir, step: int) -> Path:
+    """The checkpoint --keep-every keeps at `step` (run/ckpt.pt is always the latest)."""
+    return Path(run_dir) / f"ckpt_{step:07d}.pt"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The objective: one home for the flow-matching target and the timestep distribution.
 
@@ -419,7 +424,10 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        # The cores shared among this machine's ranks, unless OMP_NUM_THREADS says otherwise (oversubscribed cores
+        # make a CPU run several times slower).
+        threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, int(threads)))
     micro_batches = world_size * tc.grad_accum
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
@@ -572,7 +580,7 @@ def main(argv=None):
                  "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen}
         save_checkpoint(run_dir / "ckpt.pt", state)
         if tc.keep_every and step % tc.keep_every == 0:
-            save_checkpoint(run_dir / f"ckpt_{step:07d}.pt", state)
+            save_checkpoint(kept_checkpoint(run_dir, step), state)
 
     def preview(step):
         if rank != 0 or not tc.sample_every:

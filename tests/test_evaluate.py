@@ -29,6 +29,10 @@ def test_speedup_interpolates_between_evaluated_steps():
     assert evaluate.speedup(steps, baseline, [0.1, 0.2, 0.3, 0.39]) is None
     # Identical curves: reached at the last step, speedup 1.
     assert evaluate.speedup(steps, baseline, baseline) == pytest.approx(1.0)
+    # An early fluke does not count: above at step 100, below at 200, then for good from halfway to 300.
+    assert evaluate.speedup(steps, baseline, [0.5, 0.3, 0.5, 0.6]) == pytest.approx(400 / 250)
+    # Reached, then lost by the end: not reached within the budget.
+    assert evaluate.speedup(steps, baseline, [0.1, 0.5, 0.6, 0.39]) is None
 
 
 def test_mean_ci_and_geneval_summary():
@@ -154,3 +158,57 @@ def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
     res = run_eval("geneval", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(tmp_path / "nope.jsonl"),
                    "--out", str(tmp_path))
     assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
+    """evaluate.py convergence on tiny runs: the schedule of kept checkpoints, the curves, speedups and Table-1 rows
+    it reports, and a rerun that retrains and re-evaluates nothing. (train.py runs in-process on the tiny preset in
+    place of the cpu-preset subprocesses; data preparation is the default world's and is tested elsewhere.)"""
+    import train
+    from conftest import tiny_train_args
+    trained, contexts = [], []
+
+    def tiny_train_runs(runs, common, out, jobs):
+        for name, flags in runs.items():
+            if not (out / name / "done").exists():
+                trained.append(name)
+                train.main(tiny_train_args(out, "--name", name, "--keep-every", "0", *flags))
+                (out / name / "done").touch()
+
+    class CountingContext(evaluate.Context):
+        def __init__(self, args, ckpt):
+            contexts.append(Path(ckpt).relative_to(out))
+            super().__init__(args, ckpt)
+
+    monkeypatch.setattr(evaluate, "prepare_convergence_data", lambda condition, judges: {})
+    monkeypatch.setattr(evaluate, "train_runs", tiny_train_runs)
+    monkeypatch.setattr(evaluate, "Context", CountingContext)
+    out = tmp_path / "convergence"
+    argv = ["convergence", "--out", str(out), "--train-steps", "8", "--eval-every", "4", "--condition",
+            "alignment,sharpness", "--batch-size", "256"]
+    evaluate.main(argv)
+    result = json.loads((out / "convergence.json").read_text())
+
+    ablations = ["only_alignment", "only_sharpness", "without_alignment", "without_sharpness"]
+    assert trained == ["baseline", "miro", *ablations]
+    for run in ("baseline", "miro"):  # only the curves keep intermediate checkpoints
+        assert (out / run / "ckpt_0000004.pt").is_file()
+    assert not any((out / run / "ckpt_0000004.pt").exists() for run in ablations)
+    assert result["steps"] == [4, 8] and result["preset"]["steps"] == 8
+    curves, table = result["curves"], result["table"]
+    assert table["baseline"] == curves["baseline"][-1] and table["MIRO"] == curves["miro"][-1]
+    assert set(table) == {"baseline", "MIRO", *ablations, *(f"MIRO, target {t}" for t in result["tuned_targets"])}
+    assert set(result["tuned_targets"]) == {"alignment=0.625", "sharpness=0.625"}
+    for metric, value in result["speedup"].items():
+        base, miro = [c[metric] for c in curves["baseline"]], [c[metric] for c in curves["miro"]]
+        assert value == evaluate.speedup([4, 8], base, miro)
+    assert "diversity" not in result["speedup"] and {"geneval", "alignment", "sharpness"} <= set(result["speedup"])
+    assert (out / "convergence.png").stat().st_size > 0
+    assert (out / "table.md").read_text().count("\n") == len(table) + 2
+    n_evaluations = len(contexts)
+    assert n_evaluations == 2 * 2 + 2 + len(ablations)
+
+    trained.clear()
+    evaluate.main(argv)  # resumed: every run is done and every evaluation cached
+    assert trained == [] and len(contexts) == n_evaluations
+    assert json.loads((out / "convergence.json").read_text())["table"] == table
