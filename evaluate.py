@@ -659,14 +659,16 @@ def prepare_convergence_data(condition: list[str], judges: list[str]) -> dict[st
     shapes_clip lives beside the annotations it made, one per world, so every experiment on that world is judged by
     the model whose scores it was conditioned on."""
     script = str(Path(__file__).with_name("rewards.py"))
-    options = {}
+    options, rescore = {}, []
     if "shapes_clip" in {*condition, *judges}:
         ckpt = data.WorldConfig().default_dir() / rewards.SHAPES_CLIP_FILE
         if not (ckpt.exists() and rewards.shapes_clip_config_path(ckpt).exists()):  # the JSON is written last
             subprocess.run([sys.executable, script, "train-clip", "--out", str(ckpt)], check=True)
+            rescore = ["--rescore", "shapes_clip"]  # scores of an earlier shapes_clip would otherwise be kept
         options["shapes_clip"] = {"checkpoint": str(ckpt)}
     names = ",".join(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
     flags = [f for name, o in options.items() for k, v in o.items() for f in ("--reward-option", f"{name}.{k}={v}")]
+    flags += rescore
     subprocess.run([sys.executable, script, "annotate", "--rewards", names, *flags], check=True)
     return options
 

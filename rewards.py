@@ -1522,8 +1522,9 @@ def _scored_keys(out_dir: Path, name: str) -> set[str]:
             if name in row}
 
 
-def _merge_parts(out_dir: Path) -> dict[str, dict]:
-    """Fold every part file into annotations.jsonl; returns the merged table {key: {name: score or None}}, sorted.
+def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> dict[str, dict]:
+    """Fold every part file into annotations.jsonl, without the columns named in `drop`; returns the merged table
+    {key: {name: score or None}}, sorted.
 
     A crash at any point loses nothing and duplicates nothing: the new table goes to a temporary file that is
     fsynced and then atomically renamed over annotations.jsonl, and the part files are deleted only once that
@@ -1534,9 +1535,9 @@ def _merge_parts(out_dir: Path) -> dict[str, dict]:
     already in any file.
     """
     parts = _part_files(out_dir)
-    table = _read_table([out_dir / ANNOTATIONS, *parts])
-    table = {k: table[k] for k in sorted(table)}  # the same file whatever the world size
-    if parts:
+    raw = _read_table([out_dir / ANNOTATIONS, *parts])
+    table = {k: {n: v for n, v in raw[k].items() if n not in drop} for k in sorted(raw)}  # same for any world size
+    if parts or any(n in drop for scores in raw.values() for n in scores):
         names = list(dict.fromkeys(n for scores in table.values() for n in scores))
 
         def write(f):
@@ -1712,7 +1713,8 @@ def _barrier(world_size: int):
 
 def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="cpu", num_bins: int = 64,
              binning: str = "quantile", reward_options: dict | None = None, rank: int = 0, world_size: int = 1,
-             num_workers: int = 0, verbose: bool = True, cpu_threads: int | None = 1) -> dict | None:
+             num_workers: int = 0, verbose: bool = True, cpu_threads: int | None = 1,
+             rescore: Sequence[str] = ()) -> dict | None:
     """Score every record of `source` with every reward, merge the table, fit bins.json and write summary.json.
 
     source: a data.open_dataset source (or a dataset path). rewards: registry names (loaded one at a time with
@@ -1724,6 +1726,8 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     is a column of its own: the reward on that caption field, for the records that have one; it shares the reward's
     bins. Under torch.distributed (world_size > 1, every rank calling) rank 0 then merges all part files into
     annotations.jsonl; bins.json holds every reward in the table.
+    rescore: names whose scores already in out_dir are dropped first and scored again from scratch: a retrained
+    model (say shapes_clip) would otherwise keep the old model's scores, as every scored pair is skipped.
     cpu_threads: torch threads while scoring on the CPU. The built-in rewards are many small ops: with 2 threads and
     another process busy on a 2-core machine they ran 6x slower than with 1 (136 s vs 22 s for 20k images).
     Returns the merged table {key: {name: score}} (NaN for a failed score) on rank 0, None on the other ranks.
@@ -1731,6 +1735,9 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     source, out_dir = _as_source(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _directory_lock(out_dir, rank, world_size):
+        if rescore and rank == 0:
+            _merge_parts(out_dir, drop=rescore)
+        _barrier(world_size)
         return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
                                 rank, world_size, num_workers, verbose, cpu_threads)
 
@@ -1923,6 +1930,9 @@ def parse_args(argv=None):
     a.add_argument("--out", default=None,
                    help="folder for annotations.jsonl, bins.json, summary.json (default: --data, when a folder)")
     a.add_argument("--num-bins", type=int, default=64, help="bins B per reward; bin k becomes k/(B-1)")
+    a.add_argument("--rescore", default="",
+                   help="comma-separated names among --rewards whose existing scores are dropped and scored again "
+                        "(after retraining a reward model such as shapes_clip; otherwise scored pairs are skipped)")
     a.add_argument("--binning", default="quantile", choices=["quantile", "uniform"],
                    help="equal-population (quantile) or equal-width (uniform) bins")
     s = sub.add_parser("score", parents=[common],
@@ -1963,6 +1973,10 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but CUDA is not available here")
     args.rewards = names
+    if getattr(args, "rescore", None) is not None:
+        args.rescore = [n for n in args.rescore.split(",") if n]
+        if not set(args.rescore) <= set(names):
+            p.error(f"--rescore {','.join(args.rescore)}: only rewards named in --rewards can be rescored")
     return p, args
 
 
@@ -2033,7 +2047,7 @@ def run_annotate(args):
         out = _writable_dir(Path(args.out) if args.out else data_path)
         table = annotate(source, args.rewards, out, batch_size=args.batch_size, device=device,
                          num_bins=args.num_bins, binning=args.binning, reward_options=args.reward_options,
-                         rank=rank, world_size=world_size, num_workers=args.num_workers)
+                         rank=rank, world_size=world_size, num_workers=args.num_workers, rescore=args.rescore)
         if rank == 0:
             print(f"wrote {out / ANNOTATIONS} ({len(table)} samples), {out / 'bins.json'} and "
                   f"{out / 'summary.json'}")

@@ -153,6 +153,22 @@ def test_added_reward_scores_only_itself(tmp_path, world, probe):
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
 
 
+def test_rescore_replaces_a_retrained_rewards_scores(tmp_path, world, probe, monkeypatch):
+    """A scored pair is never scored again, even by a retrained model, unless its column is rescored: then that
+    column alone is dropped and scored from scratch, the others kept, and the bins refitted."""
+    first = rewards.annotate(world, ["probe", "alignment"], tmp_path, batch_size=16, verbose=False)
+    retrained = lambda device="cpu": rewards.Reward("probe", lambda images, captions: torch.arange(len(captions)) + 7.0,
+                                                    device, ragged=True)
+    monkeypatch.setitem(rewards.REWARDS, "probe", retrained)
+    kept = rewards.annotate(world, ["probe"], tmp_path, batch_size=16, verbose=False)
+    assert kept == first
+    new = rewards.annotate(world, ["probe"], tmp_path, batch_size=16, verbose=False, rescore=["probe"])
+    assert all(new[k]["probe"] >= 7 and new[k]["alignment"] == first[k]["alignment"] for k in first)
+    assert all(list(r) == ["key", "alignment", "probe"] for r in rows(tmp_path / "annotations.jsonl"))
+    assert RewardBins.load(tmp_path / "bins.json").edges["probe"].min() >= 7  # refitted to the new scores
+    assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
+
+
 ANNOTATE_WITH_PROBE = """import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import rewards, test_annotate
@@ -317,6 +333,8 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
         "reward 'contrast' does not take ['size']": ["annotate", "--data", str(world), "--reward-option",
                                                      "contrast.size=3"],
         "does not exist": ["annotate", "--data", str(tmp_path / "missing"), "--rewards", "contrast"],
+        "--rescore sharpness: only rewards named in --rewards": ["annotate", "--data", str(world), "--rewards",
+                                                                  "contrast", "--rescore", "sharpness"],
         "cannot write to": ["annotate", "--data", str(world), "--out", str(tmp_path / "file" / "sub")],
         "1 PNG/JPG images in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
         "is not a folder": ["score", "--images", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "two.txt")],

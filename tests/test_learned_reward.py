@@ -169,7 +169,7 @@ def test_convergence_trains_shapes_clip_once_and_annotates_with_it(tmp_path, mon
     ckpt = str(data.WorldConfig().default_dir() / rewards.SHAPES_CLIP_FILE)
     assert options == {"shapes_clip": {"checkpoint": ckpt}}
     annotate = ["annotate", "--rewards", ",".join(judges), "--reward-option", f"shapes_clip.checkpoint={ckpt}"]
-    assert calls == [["train-clip", "--out", ckpt], annotate]
+    assert calls == [["train-clip", "--out", ckpt], [*annotate, "--rescore", "shapes_clip"]]  # the new model's scores
     for path in (ckpt, ckpt.replace(".safetensors", ".json")):  # trained: the next run only annotates
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
