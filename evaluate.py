@@ -633,11 +633,11 @@ def cmd_tts(args, ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # The headline experiment: baseline vs MIRO (and ablations) trained and evaluated on the built-in benchmark.
 
-# Sized for ~40 minutes on 2 CPU cores (measured: a training run of the cpu preset does ~50 images/s on one core,
-# one evaluation of 146 held-out images takes ~35 s on two), the first run on a machine adding ~4 min to build the
-# world and train shapes_clip on it. Evaluations are denser early, where the speedups are decided, and the
-# learning-rate warm-up is 50 steps (the cpu preset's 200 would be 40% of the budget); quick: a few minutes, just
-# the baseline and MIRO.
+# Sized for the 45 minutes the experiment may take on 2 CPU cores (measured: 45.6 min, of which 31.5 training ten
+# runs two at a time at ~45 images/s each, and 26 evaluations of 146 held-out images at ~32 s each); the first run
+# on a machine adds ~3 min to build the world and train shapes_clip on it. Evaluations are denser early, where the
+# speedups are decided, and the learning-rate warm-up is 50 steps (the cpu preset's 200 would be 40% of the
+# budget); quick: a few minutes, just the baseline and MIRO.
 CONVERGENCE_PRESETS = {
     "full": dict(steps=500, warmup=50, eval_steps=(50, 100, 150, 200, 300, 400, 500), n_per_prompt=4,
                  min_per_task=16, sample_steps=20, ablations=True),
