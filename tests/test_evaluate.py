@@ -197,8 +197,10 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     assert result["steps"] == [4, 8] and result["preset"]["steps"] == 8
     curves, table = result["curves"], result["table"]
     assert table["baseline"] == curves["baseline"][-1] and table["MIRO"] == curves["miro"][-1]
-    assert set(table) == {"baseline", "MIRO", *ablations, *(f"MIRO, target {t}" for t in result["tuned_targets"])}
-    assert set(result["tuned_targets"]) == {"alignment=0.625", "sharpness=0.625"}
+    tuned = result["tuned_targets"]
+    assert set(tuned) == {"alignment=0.625", "sharpness=0.625"}
+    best = max(tuned, key=lambda t: tuned[t]["geneval"])  # the tuned row: the lowered target that GenEval prefers
+    assert set(table) == {"baseline", "MIRO", f"MIRO, target {best}", *ablations}
     for metric, value in result["speedup"].items():
         base, miro = [c[metric] for c in curves["baseline"]], [c[metric] for c in curves["miro"]]
         assert value == evaluate.speedup([4, 8], base, miro)
