@@ -813,7 +813,9 @@ def parse_args(argv=None):
         if name == "convergence":
             s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 200 steps: a few minutes")
             s.add_argument("--train-steps", type=int, default=None, help="training budget of every run")
-            s.add_argument("--eval-every", type=int, default=None, help="evaluate a checkpoint every this many steps")
+            s.add_argument("--eval-every", type=int, default=None,
+                           help="evaluate a checkpoint every this many steps (default: the preset's schedule, "
+                                "denser early)")
             s.add_argument("--condition", default=",".join(CONVERGENCE_CONDITION),
                            help="rewards MIRO is conditioned on (default: the learned shapes_clip in place of the "
                                 "rule-based alignment, which only judges; any annotated registry reward works)")

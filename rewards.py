@@ -1735,9 +1735,10 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     source, out_dir = _as_source(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _directory_lock(out_dir, rank, world_size):
-        if rescore and rank == 0:
-            _merge_parts(out_dir, drop=rescore)
-        _barrier(world_size)
+        if rescore:  # rank 0 drops the old columns while the other ranks wait
+            if rank == 0:
+                _merge_parts(out_dir, drop=rescore)
+            _barrier(world_size)
         return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
                                 rank, world_size, num_workers, verbose, cpu_threads)
 

@@ -426,7 +426,8 @@ def main(argv=None):
     else:
         # The cores shared among this machine's ranks, unless OMP_NUM_THREADS says otherwise (oversubscribed cores
         # make a CPU run several times slower).
-        threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        shared = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = os.environ.get("OMP_NUM_THREADS") or shared
         torch.set_num_threads(max(1, int(threads)))
     micro_batches = world_size * tc.grad_accum
     if tc.batch_size % micro_batches:

@@ -207,8 +207,10 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     assert "diversity" not in result["speedup"] and {"geneval", "alignment", "sharpness"} <= set(result["speedup"])
     assert (out / "convergence.png").stat().st_size > 0
     assert (out / "table.md").read_text().count("\n") == len(table) + 2
+    kept = [Path(run, name) for run in ("baseline", "miro") for name in ("ckpt_0000004.pt", "ckpt.pt")]
+    final = [Path(run, "ckpt.pt") for run in ablations]
+    assert contexts == [*kept, Path("miro", "ckpt.pt"), Path("miro", "ckpt.pt"), *final]  # curves, tuned, ablations
     n_evaluations = len(contexts)
-    assert n_evaluations == 2 * 2 + 2 + len(ablations)
 
     trained.clear()
     evaluate.main(argv)  # resumed: every run is done and every evaluation cached
