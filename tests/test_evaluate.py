@@ -123,6 +123,28 @@ def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
     assert a["images"] == sum(len(list((f / "samples").iterdir())) for f in folders)
 
 
+def test_convergence_evaluations_two_at_a_time_match_one_at_a_time(tiny_runs, tmp_path):
+    """evaluate_all in threads gives the numbers of one evaluation at a time (each image has its own noise seed),
+    opens the kept checkpoint for an intermediate step and run/ckpt.pt for the last, and skips cached keys."""
+    jobs = [("miro", 4, None), ("miro", 8, None), ("miro", 8, "sharpness=0.5"), ("baseline", 8, None)]
+    caches = {}
+    for n in (1, 2):
+        _, args = evaluate.parse_args(["convergence", "--jobs", str(n), "--batch-size", "256"])
+        args.rank, args.steps, args.n_per_prompt, args.min_per_task = 0, 2, 2, 0  # 2 per prompt: diversity
+        cache, path = {}, tmp_path / f"evals{n}.json"
+        evaluate.evaluate_all(jobs, cache, path, args, tiny_runs, total=8)
+        assert json.loads(path.read_text()) == cache
+        caches[n] = cache
+    assert set(caches[1]) == {"miro/4", "miro/8", "miro/8/sharpness=0.5", "baseline/8"}
+    for key, metrics in caches[1].items():
+        assert metrics == pytest.approx(caches[2][key], abs=1e-6), key
+    assert caches[1]["miro/4"] != caches[1]["miro/8"]  # different checkpoints, different images
+    assert caches[1]["miro/8/sharpness=0.5"] != caches[1]["miro/8"]
+    before = dict(caches[2])
+    evaluate.evaluate_all(jobs, caches[2], tmp_path / "evals2.json", args, tmp_path / "no-runs-here", total=8)
+    assert caches[2] == before  # every key cached: no checkpoint is opened
+
+
 def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path):
     ckpt = str(tiny_runs / "miro")
     res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "contrast", "--values", "0,1", "--n-per-prompt", "1",
