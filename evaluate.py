@@ -766,7 +766,8 @@ def cmd_convergence(args, _ctx=None):
     for curve in ("baseline", "miro"):  # only the curves need their intermediate checkpoints
         runs[curve] += ["--keep-every", str(keep_every)]
     common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(total), "--warmup", str(preset["warmup"]),
-              "--lr", str(preset["lr"]), "--ckpt-every", str(keep_every), "--sample-every", "0", "--log-every", str(keep_every)]
+              "--lr", str(preset["lr"]), "--ckpt-every", str(keep_every), "--sample-every", "0",
+              "--log-every", str(keep_every)]
     judges = list(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
     t0 = time.time()
     args.reward_options = {**args.reward_options, **prepare_convergence_data(condition, judges)}
