@@ -885,9 +885,9 @@ def parse_args(argv=None):
             args.detector_options[key] = value
         if args.command == "convergence":
             try:
-                parse_reward_targets(args.tuned_target, args.condition.split(","), 1.0)
+                parse_reward_targets(args.tuned_target, args.condition.split(","), 1.0, owner="--condition")
             except ValueError as e:
-                raise ValueError(f"--tuned-target: {str(e).split(';')[0]} (--condition is {args.condition})")
+                raise ValueError(f"--tuned-target: {e}") from None
     except ValueError as e:
         p.error(str(e))
     if args.command == "tts" and args.select_by not in args.judge_rewards.split(","):

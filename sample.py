@@ -90,8 +90,9 @@ def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, n
 # ----------------------------------------------------------------------------------------------------------------
 # Reward targets from the command line.
 
-def parse_reward_targets(spec, reward_names, default):
-    """'name=value,...' -> a (R,) tensor of targets in [0, 1]; unnamed rewards take `default`.
+def parse_reward_targets(spec, reward_names, default, owner="this checkpoint"):
+    """'name=value,...' -> a (R,) tensor of targets in [0, 1]; unnamed rewards take `default`. `owner` names
+    whatever defines reward_names, for the error messages.
 
     Raises ValueError with a one-line message for unknown names, malformed items or values outside [0, 1].
     """
@@ -99,14 +100,14 @@ def parse_reward_targets(spec, reward_names, default):
     if not spec:
         return targets
     if not reward_names:
-        raise ValueError("this checkpoint was trained without rewards (baseline); it takes no reward targets")
+        raise ValueError(f"{owner} was trained without rewards (baseline); it takes no reward targets")
     for item in spec.split(","):
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep:
             raise ValueError(f"reward target {item!r} is not of the form name=value")
         if name not in reward_names:
-            raise ValueError(f"unknown reward {name!r}; this checkpoint supports: {', '.join(reward_names)}")
+            raise ValueError(f"unknown reward {name!r}; {owner} supports: {', '.join(reward_names)}")
         try:
             target = float(value)
         except ValueError:
