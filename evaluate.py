@@ -470,6 +470,20 @@ def format_table(rows: dict[str, dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_seed_table(seeds: dict[str, dict[str, dict]], columns: list[str]) -> str:
+    """A markdown table of the seed spread at the end of the budget: per model (seeds[label][seed] = flat metrics),
+    the mean and sample standard deviation over seeds, then in how many seeds MIRO >= the baseline (runs of one seed
+    share data order, noise draws and evaluation noise, so they pair)."""
+    (base_label, base), (miro_label, miro) = seeds.items()
+    lines = [f"| {len(base)} seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, runs in seeds.items():
+        cells = [np.array([m[c] for m in runs.values()]) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" for v in cells) + " |")
+    wins = [sum(miro[s][c] >= base[s][c] for s in base) for c in columns]
+    lines.append(f"| {miro_label} >= {base_label} | " + " | ".join(f"{w}/{len(base)}" for w in wins) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title: str = ""):
     """One panel per metric, one line per model/setting: curves[metric][label] = values along x (or (x, values))."""
     import matplotlib
@@ -676,15 +690,18 @@ def prepare_convergence_data(condition: list[str], judges: list[str]) -> dict[st
     return options
 
 
-def convergence_runs(condition: list[str], ablations: bool) -> dict[str, list[str]]:
+def convergence_runs(condition: list[str], ablations: bool, extra_seeds=()) -> dict[str, list[str]]:
     """Run name -> extra train.py flags: the baseline, MIRO on every reward, and (ablations) one model per single
-    reward and one leaving each reward out, all with the same seed, data, architecture and budget."""
+    reward and one leaving each reward out, all with the same seed, data, architecture and budget; then the
+    baseline and MIRO again with each of `extra_seeds` (baseline_seedS, miro_seedS) to measure the seed spread."""
     runs = {"baseline": ["--no-rewards"], "miro": ["--rewards", ",".join(condition)]}
     if ablations:
         for r in condition:
             runs[f"only_{r}"] = ["--rewards", r]
         for r in condition:
             runs[f"without_{r}"] = ["--rewards", ",".join(x for x in condition if x != r)]
+    for s in extra_seeds:  # a later --seed overrides the common one
+        runs.update({f"{pair}_seed{s}": [*runs[pair], "--seed", str(s)] for pair in ("baseline", "miro")})
     return runs
 
 
@@ -762,7 +779,8 @@ def cmd_convergence(args, _ctx=None):
     keep_every = math.gcd(*steps)
     out = args.out
     condition = [r for r in args.condition.split(",") if r]
-    runs = convergence_runs(condition, preset["ablations"] and not args.no_ablations)
+    extra_seeds = [args.seed + k for k in range(1, args.repeat_seeds + 1)]
+    runs = convergence_runs(condition, preset["ablations"] and not args.no_ablations, extra_seeds)
     for curve in ("baseline", "miro"):  # only the curves need their intermediate checkpoints
         runs[curve] += ["--keep-every", str(keep_every)]
     common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(total), "--warmup", str(preset["warmup"]),
@@ -778,9 +796,10 @@ def cmd_convergence(args, _ctx=None):
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     args.steps, args.n_per_prompt, args.min_per_task = preset["sample_steps"], preset["n_per_prompt"], preset["min_per_task"]
     args.judge_rewards = ",".join(judges)
-    ablations = [run for run in runs if run not in ("baseline", "miro")]
+    repeats = [f"{pair}_seed{s}" for s in extra_seeds for pair in ("baseline", "miro")]
+    ablations = [run for run in runs if run not in ("baseline", "miro", *repeats)]
     jobs = [(run, s, None) for run in ("baseline", "miro") for s in steps]
-    jobs += [("miro", total, args.tuned_target), *((run, total, None) for run in ablations)]
+    jobs += [("miro", total, args.tuned_target), *((run, total, None) for run in [*ablations, *repeats])]
     evaluate_all(jobs, cache, cache_path, args, out, total)
 
     def metrics_of(run, step, targets=None):
@@ -801,7 +820,14 @@ def cmd_convergence(args, _ctx=None):
                 {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
                  for m in metrics}, "training step", "baseline vs MIRO on the held-out built-in prompts")
     (out / "table.md").write_text(format_table(table, metrics) + "\n")
+    seeds = {}
+    if extra_seeds:
+        seeds = {label: {str(s): metrics_of(run if s == args.seed else f"{run}_seed{s}", total)
+                         for s in [args.seed, *extra_seeds]} for label, run in (("baseline", "baseline"), ("MIRO", "miro"))}
+        log(format_seed_table(seeds, metrics))
+        (out / "seeds.md").write_text(format_seed_table(seeds, metrics) + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
+            "seeds": seeds,
             "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
             "condition": condition, "judges": judges, "reward_options": args.reward_options}
 
@@ -847,6 +873,9 @@ def parse_args(argv=None):
                            help="rewards MIRO is conditioned on (default: the learned shapes_clip in place of the "
                                 "rule-based alignment, which only judges; any annotated registry reward works)")
             s.add_argument("--no-ablations", action="store_true", help="skip the single-reward and leave-one-out runs")
+            s.add_argument("--repeat-seeds", type=int, default=0,
+                           help="also train the baseline and MIRO with this many more seeds (--seed + 1, ...) and "
+                                "report the spread of their final metrics in seeds.md (~7 min more per seed)")
             s.add_argument("--tuned-target", default="contrast=0.625",
                            help="the positive targets of the table's tuned-target MIRO row (the paper's recipe: "
                                 "the saturating image-statistics reward, aesthetic there, at 0.625, the rest at 1)")
@@ -874,6 +903,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be > 0")
     if args.cfg is not None and args.cfg < 0:
         p.error("--cfg must be >= 0")
+    if getattr(args, "repeat_seeds", 0) < 0:
+        p.error("--repeat-seeds must be >= 0")
     try:
         judges = [n for n in (args.judge_rewards + "," + getattr(args, "select_by", "")).split(",") if n]
         args.reward_options = rewards.parse_reward_options(args.reward_option, judges)

@@ -209,12 +209,12 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "Context", CountingContext)
     out = tmp_path / "convergence"
     argv = ["convergence", "--out", str(out), "--train-steps", "8", "--eval-every", "4", "--condition",
-            "alignment,sharpness", "--batch-size", "256", "--tuned-target", "sharpness=0.625"]
+            "alignment,sharpness", "--batch-size", "256", "--tuned-target", "sharpness=0.625", "--repeat-seeds", "1"]
     evaluate.main(argv)
     result = json.loads((out / "convergence.json").read_text())
 
     ablations = ["only_alignment", "only_sharpness", "without_alignment", "without_sharpness"]
-    assert trained == ["baseline", "miro", *ablations]
+    assert trained == ["baseline", "miro", *ablations, "baseline_seed1", "miro_seed1"]
     for run in ("baseline", "miro"):  # only the curves keep intermediate checkpoints
         assert (out / run / "ckpt_0000004.pt").is_file()
     assert not any((out / run / "ckpt_0000004.pt").exists() for run in ablations)
@@ -233,6 +233,15 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     kept = [Path(run, name) for run in ("baseline", "miro") for name in ("ckpt_0000004.pt", "ckpt.pt")]
     final = [Path(run, "ckpt.pt") for run in ablations]
     # curves, tuned row, ablations; evaluated two at a time, so in no fixed order
+    # the seed spread: seed 0 is the curves' final point, seed 1 the repeated pair (trained with its own seed)
+    seeds = result["seeds"]
+    assert seeds["baseline"]["0"] == table["baseline"] and seeds["MIRO"]["0"] == table["MIRO"]
+    assert set(seeds["baseline"]) == set(seeds["MIRO"]) == {"0", "1"}
+    assert seeds["MIRO"]["1"] != seeds["MIRO"]["0"]
+    assert json.loads((out / "miro_seed1" / "config.json").read_text())["args"]["seed"] == 1
+    spread = (out / "seeds.md").read_text().splitlines()
+    assert len(spread) == 5 and spread[-1].startswith("| MIRO >= baseline |")
+    final += [Path("baseline_seed1", "ckpt.pt"), Path("miro_seed1", "ckpt.pt")]
     assert sorted(contexts) == sorted([*kept, Path("miro", "ckpt.pt"), *final])
     n_evaluations = len(contexts)
 
