@@ -596,7 +596,8 @@ def cmd_diversity(args, ctx):
 def cmd_tradeoff(args, ctx):
     """Sweep one reward's positive target (the others stay at 1) and report every metric along the sweep."""
     if args.reward not in ctx.names:
-        raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on {', '.join(ctx.names) or 'nothing'}")
+        raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on "
+                         f"{', '.join(ctx.names) or 'nothing'}")
     values = [float(v) for v in args.values.split(",")]
     if not all(0 <= v <= 1 for v in values):
         raise ValueError("--values must lie in [0, 1]")
@@ -794,7 +795,8 @@ def cmd_convergence(args, _ctx=None):
 
     cache_path = out / "evals.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    args.steps, args.n_per_prompt, args.min_per_task = preset["sample_steps"], preset["n_per_prompt"], preset["min_per_task"]
+    args.steps, args.n_per_prompt = preset["sample_steps"], preset["n_per_prompt"]
+    args.min_per_task = preset["min_per_task"]
     args.judge_rewards = ",".join(judges)
     repeats = [f"{pair}_seed{s}" for s in extra_seeds for pair in ("baseline", "miro")]
     ablations = [run for run in runs if run not in ("baseline", "miro", *repeats)]
@@ -823,7 +825,8 @@ def cmd_convergence(args, _ctx=None):
     seeds = {}
     if extra_seeds:
         seeds = {label: {str(s): metrics_of(run if s == args.seed else f"{run}_seed{s}", total)
-                         for s in [args.seed, *extra_seeds]} for label, run in (("baseline", "baseline"), ("MIRO", "miro"))}
+                         for s in [args.seed, *extra_seeds]}
+                 for label, run in (("baseline", "baseline"), ("MIRO", "miro"))}
         log(format_seed_table(seeds, metrics))
         (out / "seeds.md").write_text(format_seed_table(seeds, metrics) + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
