@@ -1401,13 +1401,16 @@ class RewardBins:
             if len(x) == 0:
                 raise ValueError(f"reward {name!r} has no finite scores to fit bins on")
             lo, hi = x.min(), x.max()
+            # near the float limits the differences that edges are interpolated from overflow (inf/NaN edges):
+            # fit on x / scale there
+            scale = max(abs(lo), abs(hi)) if max(abs(lo), abs(hi)) > 1e300 else 1.0
             if method == "uniform":
-                e = np.linspace(lo, hi, num_bins + 1)
+                e = np.linspace(lo / scale, hi / scale, num_bins + 1) * scale
             else:
                 if len(x) > max_samples:
                     x = rng.choice(x, max_samples, replace=False)
-                e = np.quantile(np.unique(x), np.linspace(0, 1, num_bins + 1))
-                e[0], e[-1] = lo, hi
+                e = np.quantile(np.unique(x) / scale, np.linspace(0, 1, num_bins + 1)) * scale
+            e[0], e[-1] = lo, hi
             edges[name] = e
         return cls(edges, method)
 
