@@ -878,7 +878,7 @@ def parse_args(argv=None):
             s.add_argument("--no-ablations", action="store_true", help="skip the single-reward and leave-one-out runs")
             s.add_argument("--repeat-seeds", type=int, default=0,
                            help="also train the baseline and MIRO with this many more seeds (--seed + 1, ...) and "
-                                "report the spread of their final metrics in seeds.md (~7 min more per seed)")
+                                "report the spread of their final metrics in seeds.md (~8 min more per seed)")
             s.add_argument("--tuned-target", default="contrast=0.625",
                            help="the positive targets of the table's tuned-target MIRO row (the paper's recipe: "
                                 "the saturating image-statistics reward, aesthetic there, at 0.625, the rest at 1)")

@@ -1403,7 +1403,8 @@ class RewardBins:
             lo, hi = x.min(), x.max()
             # near the float limits the differences that edges are interpolated from overflow (inf/NaN edges):
             # fit on x / scale there
-            scale = max(abs(lo), abs(hi)) if max(abs(lo), abs(hi)) > 1e300 else 1.0
+            scale = max(abs(lo), abs(hi))
+            scale = scale if scale > 1e300 else 1.0
             if method == "uniform":
                 e = np.linspace(lo / scale, hi / scale, num_bins + 1) * scale
             else:

@@ -232,7 +232,6 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     assert (out / "table.md").read_text().count("\n") == len(table) + 2
     kept = [Path(run, name) for run in ("baseline", "miro") for name in ("ckpt_0000004.pt", "ckpt.pt")]
     final = [Path(run, "ckpt.pt") for run in ablations]
-    # curves, tuned row, ablations; evaluated two at a time, so in no fixed order
     # the seed spread: seed 0 is the curves' final point, seed 1 the repeated pair (trained with its own seed)
     seeds = result["seeds"]
     assert seeds["baseline"]["0"] == table["baseline"] and seeds["MIRO"]["0"] == table["MIRO"]
@@ -242,6 +241,7 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     spread = (out / "seeds.md").read_text().splitlines()
     assert len(spread) == 5 and spread[-1].startswith("| MIRO >= baseline |")
     final += [Path("baseline_seed1", "ckpt.pt"), Path("miro_seed1", "ckpt.pt")]
+    # curves, tuned row, ablations, repeated seeds; evaluated two at a time, so in no fixed order
     assert sorted(contexts) == sorted([*kept, Path("miro", "ckpt.pt"), *final])
     n_evaluations = len(contexts)
 
