@@ -672,7 +672,8 @@ CONVERGENCE_CONDITION = ("shapes_clip", "sharpness", "cleanliness", "contrast")
 
 def prepare_convergence_data(condition: list[str], judges: list[str]) -> dict[str, dict]:
     """Before any training run (parallel runs would otherwise race to do it): build the default built-in world,
-    train shapes_clip on it once if it conditions or judges (into the world's folder, skipped when there), and
+    train shapes_clip on it once if it conditions or judges (into the world's folder, skipped when there unless an
+    older training recipe made it), and
     annotate the world with the built-in rewards and the condition. Returns the judges' reward options.
     shapes_clip lives beside the annotations it made, one per world, so every experiment on that world is judged by
     the model whose scores it was conditioned on."""
@@ -680,7 +681,7 @@ def prepare_convergence_data(condition: list[str], judges: list[str]) -> dict[st
     options, rescore = {}, []
     if "shapes_clip" in {*condition, *judges}:
         ckpt = data.WorldConfig().default_dir() / rewards.SHAPES_CLIP_FILE
-        if not (ckpt.exists() and rewards.shapes_clip_config_path(ckpt).exists()):  # the JSON is written last
+        if rewards.shapes_clip_recipe(ckpt) != rewards.TRAIN_CLIP_RECIPE:  # missing, or trained the old way
             subprocess.run([sys.executable, script, "train-clip", "--out", str(ckpt)], check=True)
             rescore = ["--rescore", "shapes_clip"]  # scores of an earlier shapes_clip would otherwise be kept
         options["shapes_clip"] = {"checkpoint": str(ckpt)}

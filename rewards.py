@@ -788,13 +788,32 @@ class ShapesClip(torch.nn.Module):
         return (self.images(images01) * self.texts(captions)).sum(-1)
 
 
-def shapes_clip_loss(model: ShapesClip, images01: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def shapes_clip_loss(model: ShapesClip, images01: torch.Tensor, ids: torch.Tensor,
+                     empty01: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over a batch. The world repeats captions ("a red circle", "a picture"), so a batch
-    holds duplicates; every copy of an image's caption counts as a positive (soft targets) instead of a negative."""
-    logits = model.logit_scale.exp() * model.images(images01) @ model.token_features(ids).T
+    holds duplicates; every copy of an image's caption counts as a positive (soft targets) instead of a negative.
+
+    `empty01` (E,3,H,W): canvases without objects, extra images that every caption must rank below its own image
+    (caption -> image direction only: they have no caption of their own). Without them, nothing in the data tells
+    a blank canvas from a one-object scene (every image holds objects), and the learned reward scored a blank canvas
+    above the true image for single-object captions: a judge that early, faint samples could please by drawing
+    nothing."""
+    scale = model.logit_scale.exp()
+    text = model.token_features(ids)
+    logits = scale * model.images(images01) @ text.T
     same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
     targets = same / same.sum(1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    by_caption, caption_targets = logits.T, targets
+    if empty01 is not None and len(empty01):
+        by_caption = torch.cat([by_caption, scale * text @ model.images(empty01).T], dim=1)
+        caption_targets = F.pad(targets, (0, len(empty01)))
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(by_caption, caption_targets)) / 2
+
+
+def empty_canvases(images01: torch.Tensor) -> torch.Tensor:
+    """Each image's background alone: a flat canvas of its per-channel median colour (objects cover a minority of a
+    built-in image's pixels)."""
+    return images01.flatten(2).median(-1).values[:, :, None, None].expand_as(images01).contiguous()
 
 
 def shapes_clip_config_path(weights_path) -> Path:
@@ -836,6 +855,18 @@ def load_shapes_clip(path, device="cpu") -> ShapesClip:
     return model.to(device).eval().requires_grad_(False)
 
 
+def shapes_clip_recipe(path) -> int | None:
+    """The training recipe version recorded beside the weights at `path` (1: before versions were recorded), or
+    None when there is no complete checkpoint (the JSON is written last)."""
+    config = shapes_clip_config_path(path)
+    if not (Path(path).is_file() and config.is_file()):
+        return None
+    try:
+        return json.loads(config.read_text()).get("trained", {}).get("recipe", 1)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 @register_reward("shapes_clip")
 def shapes_clip_reward(device="cpu", **options) -> Reward:
     """The learned CLIP-style reward of the built-in world: (1 + cosine) / 2 in [0, 1]. Options: checkpoint=PATH
@@ -851,14 +882,19 @@ def shapes_clip_reward(device="cpu", **options) -> Reward:
 
 
 TRAIN_CLIP_STEPS = 800  # ~2 min on 2 CPU cores for the default 20k-sample world (batch 256)
+TRAIN_CLIP_RECIPE = 2   # bump when training changes, so that evaluate.py convergence retrains a cached model
 
 
 def train_shapes_clip(data_dir, out_path, steps: int = TRAIN_CLIP_STEPS, batch_size: int = 256, lr: float = 2e-3,
-                      seed: int = 0, verbose: bool = True) -> dict:
+                      seed: int = 0, empty_fraction: float = 0.125, verbose: bool = True) -> dict:
     """Train a ShapesClip on a built world's images and (noisy) captions and save it to out_path (+ .json).
-    Deterministic given (data, steps, batch_size, lr, seed) and the torch thread count. Returns the training record
-    saved in the JSON: steps, batch size, lr, seed, data folder, final loss (mean of the last 50 steps), seconds."""
+    Each batch adds the empty canvases (`empty_canvases`) of its first `empty_fraction` images as negatives.
+    Deterministic given (data, steps, batch_size, lr, seed, empty_fraction) and the torch thread count. Returns the
+    training record saved in the JSON: recipe version, steps, batch size, lr, seed, empty fraction, data folder,
+    final loss (mean of the last 50 steps), seconds."""
     shapes_clip_config_path(out_path)  # a bad name fails now, not after training
+    if not 0 <= empty_fraction <= 1:
+        raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
     samples = data.ImageTextSamples(data_dir)
     t0 = time.time()
     with torch.random.fork_rng():
@@ -876,7 +912,8 @@ def train_shapes_clip(data_dir, out_path, steps: int = TRAIN_CLIP_STEPS, batch_s
         generator = torch.Generator().manual_seed(seed)
         for _ in tqdm(range(steps), desc="training shapes_clip", disable=not verbose, mininterval=1):
             batch = torch.randint(len(samples), (batch_size,), generator=generator)
-            loss = shapes_clip_loss(model, images[batch].float() / 255, ids[batch])
+            x = images[batch].float() / 255
+            loss = shapes_clip_loss(model, x, ids[batch], empty_canvases(x[:round(empty_fraction * batch_size)]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -884,7 +921,8 @@ def train_shapes_clip(data_dir, out_path, steps: int = TRAIN_CLIP_STEPS, batch_s
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
             losses.append(loss.item())
-    trained = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, data_dir=str(data_dir),
+    trained = dict(recipe=TRAIN_CLIP_RECIPE, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                   empty_fraction=empty_fraction, data_dir=str(data_dir),
                    final_loss=float(np.mean(losses[-50:])), seconds=round(time.time() - t0, 1))
     save_shapes_clip(model.eval(), out_path, trained)
     return trained
@@ -1953,6 +1991,8 @@ def parse_args(argv=None):
     if args.command == "train-clip":
         if args.steps < 1 or args.batch_size < 2:
             p.error("--steps must be >= 1 and --batch-size >= 2")
+        if not 0 <= args.empty_fraction <= 1:
+            p.error("--empty-fraction must be in [0, 1]")
         return p, args
     names = [n for n in args.rewards.split(",") if n]
     unknown = [n for n in names if n.partition("@")[0] not in REWARDS]
@@ -1998,6 +2038,9 @@ def _add_train_clip_parser(sub):
     t.add_argument("--steps", type=int, default=TRAIN_CLIP_STEPS, help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=256, help="pairs per contrastive batch (default %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="initialisation and batch order seed")
+    t.add_argument("--empty-fraction", type=float, default=0.125,
+                   help="per batch, this fraction of its images also enter as empty canvases (the background "
+                        "alone), negatives for every caption (default %(default)s; 0 = plain CLIP loss)")
 
 
 def run_train_clip(args):
@@ -2009,7 +2052,8 @@ def run_train_clip(args):
                                 f"build one with `python data.py build --out {data_dir}`")
     out = Path(args.out) if args.out else data_dir / SHAPES_CLIP_FILE
     _writable_dir(out.parent)
-    trained = train_shapes_clip(data_dir, out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    trained = train_shapes_clip(data_dir, out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                empty_fraction=args.empty_fraction)
     print(f"wrote {out} and {shapes_clip_config_path(out).name} (final loss {trained['final_loss']:.3f}, "
           f"{trained['seconds']:.0f} s)")
 

@@ -170,10 +170,13 @@ def test_convergence_trains_shapes_clip_once_and_annotates_with_it(tmp_path, mon
     assert options == {"shapes_clip": {"checkpoint": ckpt}}
     annotate = ["annotate", "--rewards", ",".join(judges), "--reward-option", f"shapes_clip.checkpoint={ckpt}"]
     assert calls == [["train-clip", "--out", ckpt], [*annotate, "--rescore", "shapes_clip"]]  # the new model's scores
-    for path in (ckpt, ckpt.replace(".safetensors", ".json")):  # trained: the next run only annotates
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).touch()
-    calls.clear()
-    evaluate.prepare_convergence_data(condition, judges)
-    assert calls == [annotate]
+    (tmp_path / ckpt).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / ckpt).touch()
+    config = tmp_path / ckpt.replace(".safetensors", ".json")
+    for trained, retrained in (({}, True), ({"recipe": rewards.TRAIN_CLIP_RECIPE}, False)):
+        config.write_text(json.dumps({"trained": trained}))  # a model from before recipe versions, then a current one
+        calls.clear()
+        evaluate.prepare_convergence_data(condition, judges)
+        assert calls == ([["train-clip", "--out", ckpt], [*annotate, "--rescore", "shapes_clip"]] if retrained
+                         else [annotate])
     assert evaluate.convergence_runs(condition, False)["miro"] == ["--rewards", ",".join(condition)]
