@@ -672,9 +672,9 @@ CONVERGENCE_CONDITION = ("shapes_clip", "sharpness", "cleanliness", "contrast")
 
 def prepare_convergence_data(condition: list[str], judges: list[str]) -> dict[str, dict]:
     """Before any training run (parallel runs would otherwise race to do it): build the default built-in world,
-    train shapes_clip on it once if it conditions or judges (into the world's folder, skipped when there unless an
-    older training recipe made it), and
-    annotate the world with the built-in rewards and the condition. Returns the judges' reward options.
+    train shapes_clip on it once if it conditions or judges (into the world's folder; skipped when there, unless an
+    older training recipe made it), and annotate the world with the built-in rewards and the condition. Returns the
+    judges' reward options.
     shapes_clip lives beside the annotations it made, one per world, so every experiment on that world is judged by
     the model whose scores it was conditioned on."""
     script = str(Path(__file__).with_name("rewards.py"))
