@@ -484,6 +484,16 @@ def format_seed_table(seeds: dict[str, dict[str, dict]], columns: list[str]) -> 
     return "\n".join(lines)
 
 
+def format_speedup_table(seed_speedups: dict[str, dict[str, float | None]]) -> str:
+    """A markdown table of the speed-up per seed (seed_speedups[seed][metric] = speedup(), None: not reached)."""
+    columns = list(next(iter(seed_speedups.values())))
+    lines = ["| speed-up | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for seed, row in seed_speedups.items():
+        cells = ["not reached" if row[c] is None else f"{row[c]:.1f}x" for c in columns]
+        lines.append(f"| seed {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title: str = ""):
     """One panel per metric, one line per model/setting: curves[metric][label] = values along x (or (x, values))."""
     import matplotlib
@@ -783,7 +793,8 @@ def cmd_convergence(args, _ctx=None):
     condition = [r for r in args.condition.split(",") if r]
     extra_seeds = [args.seed + k for k in range(1, args.repeat_seeds + 1)]
     runs = convergence_runs(condition, preset["ablations"] and not args.no_ablations, extra_seeds)
-    for curve in ("baseline", "miro"):  # only the curves need their intermediate checkpoints
+    pairs = [("baseline", "miro"), *((f"baseline_seed{s}", f"miro_seed{s}") for s in extra_seeds)]
+    for curve in (run for pair in pairs for run in pair):  # only the curves need their intermediate checkpoints
         runs[curve] += ["--keep-every", str(keep_every)]
     common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(total), "--warmup", str(preset["warmup"]),
               "--lr", str(preset["lr"]), "--ckpt-every", str(keep_every), "--sample-every", "0",
@@ -799,22 +810,25 @@ def cmd_convergence(args, _ctx=None):
     args.steps, args.n_per_prompt = preset["sample_steps"], preset["n_per_prompt"]
     args.min_per_task = preset["min_per_task"]
     args.judge_rewards = ",".join(judges)
-    repeats = [f"{pair}_seed{s}" for s in extra_seeds for pair in ("baseline", "miro")]
-    ablations = [run for run in runs if run not in ("baseline", "miro", *repeats)]
-    jobs = [(run, s, None) for run in ("baseline", "miro") for s in steps]
-    jobs += [("miro", total, args.tuned_target), *((run, total, None) for run in [*ablations, *repeats])]
+    curve_runs = [run for pair in pairs for run in pair]
+    ablations = [run for run in runs if run not in curve_runs]
+    jobs = [(run, s, None) for run in curve_runs[:2] for s in steps]
+    jobs += [("miro", total, args.tuned_target), *((run, total, None) for run in ablations)]
+    jobs += [(run, s, None) for run in curve_runs[2:] for s in steps]
     evaluate_all(jobs, cache, cache_path, args, out, total)
 
     def metrics_of(run, step, targets=None):
         return cache[eval_key(run, step, targets)]
 
-    curves = {run: [metrics_of(run, s) for s in steps] for run in ("baseline", "miro")}
+    curves = {run: [metrics_of(run, s) for s in steps] for run in curve_runs}
     metrics = list(curves["miro"][-1])
     table = {"baseline": curves["baseline"][-1], "MIRO": curves["miro"][-1],
              f"MIRO, target {args.tuned_target}": metrics_of("miro", total, args.tuned_target)}
     table.update({run: metrics_of(run, total) for run in ablations})
-    speedups = {m: speedup(steps, [c[m] for c in curves["baseline"]], [c[m] for c in curves["miro"]])
-                for m in metrics if m != "diversity"}
+    seed_speedups = {str(seed): {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]])
+                                 for m in metrics if m != "diversity"}
+                     for seed, (base, miro) in zip([args.seed, *extra_seeds], pairs)}
+    speedups = seed_speedups[str(args.seed)]
 
     log(format_table(table, metrics))
     log("speedup (baseline steps / MIRO steps to reach the baseline's final value and stay): " +
@@ -828,10 +842,11 @@ def cmd_convergence(args, _ctx=None):
         seeds = {label: {str(s): metrics_of(run if s == args.seed else f"{run}_seed{s}", total)
                          for s in [args.seed, *extra_seeds]}
                  for label, run in (("baseline", "baseline"), ("MIRO", "miro"))}
-        log(format_seed_table(seeds, metrics))
-        (out / "seeds.md").write_text(format_seed_table(seeds, metrics) + "\n")
+        text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(seed_speedups)
+        log(text)
+        (out / "seeds.md").write_text(text + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
-            "seeds": seeds,
+            "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {},
             "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
             "condition": condition, "judges": judges, "reward_options": args.reward_options}
 
@@ -879,7 +894,8 @@ def parse_args(argv=None):
             s.add_argument("--no-ablations", action="store_true", help="skip the single-reward and leave-one-out runs")
             s.add_argument("--repeat-seeds", type=int, default=0,
                            help="also train the baseline and MIRO with this many more seeds (--seed + 1, ...) and "
-                                "report the spread of their final metrics in seeds.md (~8 min more per seed)")
+                                "report the spread of their final metrics and their speed-ups in seeds.md "
+                                "(~12 min more per seed)")
             s.add_argument("--tuned-target", default="contrast=0.625",
                            help="the positive targets of the table's tuned-target MIRO row (the paper's recipe: "
                                 "the saturating image-statistics reward, aesthetic there, at 0.625, the rest at 1)")

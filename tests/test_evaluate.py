@@ -215,7 +215,8 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
 
     ablations = ["only_alignment", "only_sharpness", "without_alignment", "without_sharpness"]
     assert trained == ["baseline", "miro", *ablations, "baseline_seed1", "miro_seed1"]
-    for run in ("baseline", "miro"):  # only the curves keep intermediate checkpoints
+    curve_runs = ["baseline", "miro", "baseline_seed1", "miro_seed1"]
+    for run in curve_runs:  # only the curves (the repeated seeds' too) keep intermediate checkpoints
         assert (out / run / "ckpt_0000004.pt").is_file()
     assert not any((out / run / "ckpt_0000004.pt").exists() for run in ablations)
     assert result["steps"] == [4, 8] and result["preset"]["steps"] == 8
@@ -230,7 +231,7 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     assert "diversity" not in result["speedup"] and {"geneval", "alignment", "sharpness"} <= set(result["speedup"])
     assert (out / "convergence.png").stat().st_size > 0
     assert (out / "table.md").read_text().count("\n") == len(table) + 2
-    kept = [Path(run, name) for run in ("baseline", "miro") for name in ("ckpt_0000004.pt", "ckpt.pt")]
+    kept = [Path(run, name) for run in curve_runs for name in ("ckpt_0000004.pt", "ckpt.pt")]
     final = [Path(run, "ckpt.pt") for run in ablations]
     # the seed spread: seed 0 is the curves' final point, seed 1 the repeated pair (trained with its own seed)
     seeds = result["seeds"]
@@ -238,10 +239,15 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     assert set(seeds["baseline"]) == set(seeds["MIRO"]) == {"0", "1"}
     assert seeds["MIRO"]["1"] != seeds["MIRO"]["0"]
     assert json.loads((out / "miro_seed1" / "config.json").read_text())["args"]["seed"] == 1
+    assert result["seed_speedups"]["0"] == result["speedup"]
+    for metric, value in result["seed_speedups"]["1"].items():
+        base, miro = [c[metric] for c in curves["baseline_seed1"]], [c[metric] for c in curves["miro_seed1"]]
+        assert value == evaluate.speedup([4, 8], base, miro)
+    assert curves["miro_seed1"][-1] == seeds["MIRO"]["1"]
     spread = (out / "seeds.md").read_text().splitlines()
-    assert len(spread) == 5 and spread[-1].startswith("| MIRO >= baseline |")
-    final += [Path("baseline_seed1", "ckpt.pt"), Path("miro_seed1", "ckpt.pt")]
-    # curves, tuned row, ablations, repeated seeds; evaluated two at a time, so in no fixed order
+    assert len(spread) == 10 and spread[4].startswith("| MIRO >= baseline |") and spread[5] == ""
+    assert spread[6].startswith("| speed-up |") and [r[:10] for r in spread[8:]] == ["| seed 0 |", "| seed 1 |"]
+    # curves (the repeated seeds' too), tuned row, ablations; evaluated two at a time, so in no fixed order
     assert sorted(contexts) == sorted([*kept, Path("miro", "ckpt.pt"), *final])
     n_evaluations = len(contexts)
 
