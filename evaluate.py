@@ -812,9 +812,10 @@ def cmd_convergence(args, _ctx=None):
     args.judge_rewards = ",".join(judges)
     curve_runs = [run for pair in pairs for run in pair]
     ablations = [run for run in runs if run not in curve_runs]
-    jobs = [(run, s, None) for run in curve_runs[:2] for s in steps]
+    repeats = curve_runs[2:]  # the repeated seeds' curves, evaluated last
+    jobs = [(run, s, None) for run in ("baseline", "miro") for s in steps]
     jobs += [("miro", total, args.tuned_target), *((run, total, None) for run in ablations)]
-    jobs += [(run, s, None) for run in curve_runs[2:] for s in steps]
+    jobs += [(run, s, None) for run in repeats for s in steps]
     evaluate_all(jobs, cache, cache_path, args, out, total)
 
     def metrics_of(run, step, targets=None):
