@@ -826,9 +826,10 @@ def cmd_convergence(args, _ctx=None):
     table = {"baseline": curves["baseline"][-1], "MIRO": curves["miro"][-1],
              f"MIRO, target {args.tuned_target}": metrics_of("miro", total, args.tuned_target)}
     table.update({run: metrics_of(run, total) for run in ablations})
-    seed_speedups = {str(seed): {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]])
-                                 for m in metrics if m != "diversity"}
-                     for seed, (base, miro) in zip([args.seed, *extra_seeds], pairs)}
+    seed_pairs = {str(seed): pair for seed, pair in zip([args.seed, *extra_seeds], pairs)}
+    seed_speedups = {seed: {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]])
+                            for m in metrics if m != "diversity"}
+                     for seed, (base, miro) in seed_pairs.items()}
     speedups = seed_speedups[str(args.seed)]
 
     log(format_table(table, metrics))
@@ -840,9 +841,8 @@ def cmd_convergence(args, _ctx=None):
     (out / "table.md").write_text(format_table(table, metrics) + "\n")
     seeds = {}
     if extra_seeds:
-        seeds = {label: {str(s): metrics_of(run if s == args.seed else f"{run}_seed{s}", total)
-                         for s in [args.seed, *extra_seeds]}
-                 for label, run in (("baseline", "baseline"), ("MIRO", "miro"))}
+        seeds = {label: {seed: curves[pair[i]][-1] for seed, pair in seed_pairs.items()}
+                 for i, label in enumerate(("baseline", "MIRO"))}
         text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(seed_speedups)
         log(text)
         (out / "seeds.md").write_text(text + "\n")
