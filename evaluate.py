@@ -887,8 +887,10 @@ def parse_args(argv=None):
         s.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
         s.add_argument("--rewards", default="", help="positive targets 'name=value,...' (default: all 1)")
         if name == "convergence":
-            s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 200 steps: a few minutes")
-            s.add_argument("--train-steps", type=int, default=None, help="training budget of every run")
+            s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 400 steps: a few minutes")
+            s.add_argument("--train-steps", type=int, default=None,
+                           help="training budget of every run, in optimizer steps of batch "
+                                f"{CONVERGENCE_PRESETS['full']['batch_size']}")
             s.add_argument("--eval-every", type=int, default=None,
                            help="evaluate a checkpoint every this many steps (default: the preset's schedule, "
                                 "denser early)")

@@ -190,9 +190,10 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     place of the cpu-preset subprocesses; data preparation is the default world's and is tested elsewhere.)"""
     import train
     from conftest import tiny_train_args
-    trained, contexts = [], []
+    trained, contexts, commons = [], [], []
 
     def tiny_train_runs(runs, common, out, jobs):
+        commons.append(common)
         for name, flags in runs.items():
             if not (out / name / "done").exists():
                 trained.append(name)
@@ -220,6 +221,9 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
         assert (out / run / "ckpt_0000004.pt").is_file()
     assert not any((out / run / "ckpt_0000004.pt").exists() for run in ablations)
     assert result["steps"] == [4, 8] and result["preset"]["steps"] == 8
+    flags = dict(zip(commons[0][::2], commons[0][1::2]))  # every run shares the preset's recipe
+    full = evaluate.CONVERGENCE_PRESETS["full"]
+    assert (flags["--steps"], flags["--batch-size"], flags["--lr"]) == ("8", str(full["batch_size"]), str(full["lr"]))
     curves, table = result["curves"], result["table"]
     assert table["baseline"] == curves["baseline"][-1] and table["MIRO"] == curves["miro"][-1]
     assert result["tuned_target"] == "sharpness=0.625"
