@@ -667,7 +667,7 @@ def cmd_tts(args, ctx):
 #   initialisation at step 100 (mean loss over steps 51-100 1.05-1.08 against 0.44-0.70);
 # - batch 16, not the cpu preset's 32: the same images per second on one core, so twice the optimizer steps for
 #   the same 16k images and CPU time, and far more progress (baseline loss after 8k images 0.12 against 0.18,
-#   at the end 0.09 against 0.12; its metrics then level off instead of still climbing at the end).
+#   at the end 0.095 against 0.124; its metrics then level off instead of still climbing at the end).
 # Evaluations are denser early, where speedups are decided. quick: a few minutes, just the baseline and MIRO.
 CONVERGENCE_PRESETS = {
     "full": dict(steps=1000, batch_size=16, warmup=50, lr=5e-3, eval_steps=(100, 200, 300, 400, 600, 800, 1000),
