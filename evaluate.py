@@ -660,7 +660,7 @@ def cmd_tts(args, ctx):
 # The headline experiment: baseline vs MIRO (and ablations) trained and evaluated on the built-in benchmark.
 
 # Sized for the 45 minutes the experiment may take on 2 CPU cores: ten runs trained two at a time (one core each,
-# ~45 images/s each) and the evaluations of 146 held-out images two at a time (~22 s each); the first run on a
+# ~45 images/s each) and the evaluations of 146 held-out images two at a time (~55 s each); the first run on a
 # machine adds ~3 min to build the world and train shapes_clip on it. The budget is short, so the shared recipe is
 # tuned for it, on the baseline's own training loss:
 # - lr 5e-3 after a short warm-up: with the cpu preset's 1e-3 both models were still near their zero-output
