@@ -77,7 +77,7 @@ TRAIN_PRESETS = {
 
 
 def kept_checkpoint(run_dir, step: int) -> Path:
-    """The checkpoint --keep-every keeps at `step` (run/ckpt.pt is always the latest)."""
+    """The checkpoint --keep-every keeps at `step` (run/ckpt.pt is the one --resume reads)."""
     return Path(run_dir) / f"ckpt_{step:07d}.pt"
 
 
@@ -579,9 +579,11 @@ def main(argv=None):
                  "scheduler": scheduler.state_dict(), "step": step, "nan_skipped": nan_skipped,
                  "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
                  "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen}
-        save_checkpoint(run_dir / "ckpt.pt", state)
+        # The kept copy first: a kill between the two writes then leaves ckpt.pt one save behind, and the resumed
+        # run redoes this step and writes both (the other order would resume past a kept copy never written).
         if tc.keep_every and step % tc.keep_every == 0:
             save_checkpoint(kept_checkpoint(run_dir, step), state)
+        save_checkpoint(run_dir / "ckpt.pt", state)
 
     def preview(step):
         if rank != 0 or not tc.sample_every:

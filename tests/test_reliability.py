@@ -155,12 +155,13 @@ def test_sigkill_anywhere_and_resume_equals_uninterrupted_run(tiny_runs, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = tiny_train_args(runs, "--data-dir", str(data_dir(tiny_runs)), "--ckpt-every", "1", "--keep-every", "3")
 
-    # Life 1: killed in the middle of writing its second checkpoint.
-    torn = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, env={**env, "RELIABILITY_TORN_SAVE": "2"},
+    # Life 1: saves ckpt.pt at steps 1 and 2, step 3's kept copy, then is killed in the middle of writing step 3's
+    # ckpt.pt: the moment that would lose the kept copy for good if it were written second.
+    torn = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, env={**env, "RELIABILITY_TORN_SAVE": "4"},
                           capture_output=True, text=True, timeout=120)
     assert torn.returncode == -signal.SIGKILL, torn.stderr[-2000:]
     assert (run / "ckpt.pt.tmp").stat().st_size > 0  # the torn file is there ...
-    assert checkpoints_load(run) == {"ckpt.pt": 1}  # ... but ckpt.pt is the previous, complete one
+    assert checkpoints_load(run) == {"ckpt.pt": 2, "ckpt_0000003.pt": 3}  # ... but ckpt.pt is the previous one
 
     lives, steps_seen = 1, []
     while True:
