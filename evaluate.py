@@ -604,25 +604,34 @@ def cmd_diversity(args, ctx):
 
 
 def cmd_tradeoff(args, ctx):
-    """Sweep one reward's positive target (the others stay at 1) and report every metric along the sweep."""
-    if args.reward not in ctx.names:
-        raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on "
-                         f"{', '.join(ctx.names) or 'nothing'}")
+    """Sweep one reward's positive target (the others stay at 1), or with --reward cfg the guidance weight w (any
+    checkpoint, the baseline's too), and report every metric along the sweep."""
     values = [float(v) for v in args.values.split(",")]
-    if not all(0 <= v <= 1 for v in values):
+    if args.reward == "cfg":
+        if not all(v >= 0 for v in values):
+            raise ValueError("--values: guidance weights must be >= 0")
+    elif args.reward not in ctx.names:
+        raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on "
+                         f"{', '.join(ctx.names) or 'nothing'} (--reward cfg sweeps the guidance weight)")
+    elif not all(0 <= v <= 1 for v in values):
         raise ValueError("--values must lie in [0, 1]")
     items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.n_per_prompt, args.min_per_task)
     judges = ctx.judges()
     sweep = {}
     for v in values:
-        pos = ctx.pos.clone()
-        pos[ctx.names.index(args.reward)] = v
-        sweep[v] = flat_metrics(summarize(ctx.run(items, judges, pos=pos), items))
-    log(format_table({f"{args.reward}={v:g}": m for v, m in sweep.items()}, list(next(iter(sweep.values())))))
+        if args.reward == "cfg":
+            rows = ctx.run(items, judges, cfg=v)
+        else:
+            pos = ctx.pos.clone()
+            pos[ctx.names.index(args.reward)] = v
+            rows = ctx.run(items, judges, pos=pos)
+        sweep[v] = flat_metrics(summarize(rows, items))
+    name = "w" if args.reward == "cfg" else args.reward
+    log(format_table({f"{name}={v:g}": m for v, m in sweep.items()}, list(next(iter(sweep.values())))))
     if args.rank == 0:
-        metrics = list(next(iter(sweep.values())))
-        plot_curves(args.out / "tradeoff.png", values, {m: {"MIRO": [sweep[v][m] for v in values]} for m in metrics},
-                    f"{args.reward} target")
+        metrics, model = list(next(iter(sweep.values()))), "MIRO" if ctx.names else "baseline"
+        plot_curves(args.out / "tradeoff.png", values, {m: {model: [sweep[v][m] for v in values]} for m in metrics},
+                    "guidance weight w" if args.reward == "cfg" else f"{args.reward} target")
     return {"reward": args.reward, "sweep": {str(v): m for v, m in sweep.items()}}
 
 
@@ -865,7 +874,7 @@ def parse_args(argv=None):
     commands = {"geneval": "GenEval's protocol, images written in GenEval's folder layout",
                 "rewards": "mean and 95%% CI of every reward over a prompt set",
                 "diversity": "mean pairwise distance between the samples of each prompt",
-                "tradeoff": "sweep one reward's positive target and report every metric",
+                "tradeoff": "sweep one reward's positive target, or the guidance weight, and report every metric",
                 "tts": "best-of-N test-time scaling, MIRO vs the baseline",
                 "convergence": "train the baseline and MIRO (and ablations), curves, speedups and a table"}
     for name, help_ in commands.items():
@@ -917,8 +926,9 @@ def parse_args(argv=None):
                        help="repeat the prompts of small built-in tasks until each has this many images")
         s.add_argument("--steps", type=int, default=50, help="Euler steps")
         if name == "tradeoff":
-            s.add_argument("--reward", required=True, help="the reward whose positive target is swept")
-            s.add_argument("--values", default="0,0.25,0.5,0.75,1", help="targets of the sweep")
+            s.add_argument("--reward", required=True,
+                           help="the reward whose positive target is swept, or 'cfg' for the guidance weight")
+            s.add_argument("--values", default="0,0.25,0.5,0.75,1", help="targets (or guidance weights) of the sweep")
         if name == "tts":
             s.add_argument("--baseline", default=None, help="baseline checkpoint or run folder to compare with")
             s.add_argument("--select-by", default="alignment", help="the reward that picks the best of N")

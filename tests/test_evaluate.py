@@ -160,6 +160,23 @@ def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path)
     assert all(0 <= v["mean"] <= 1 and v["ci95"] >= 0 and v["n"] == 29 for v in out.values())
 
 
+def test_tradeoff_sweeps_the_guidance_weight_of_any_checkpoint(tiny_runs, tmp_path):
+    """--reward cfg sweeps w, the baseline's too: each point is the evaluation at that weight (the rewards
+    subcommand at --cfg w on the same images gives the same numbers), and the weight matters."""
+    ckpt, few = str(tiny_runs / "baseline"), ["--n-per-prompt", "1", "--steps", "2"]
+    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "cfg", "--values", "0,3", "--min-per-task", "0", *few,
+                   "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    sweep = json.loads((tmp_path / "tradeoff.json").read_text())["sweep"]
+    assert sweep["0.0"]["contrast"] != sweep["3.0"]["contrast"]
+    res = run_eval("rewards", "--ckpt", ckpt, "--cfg", "3", *few, "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    at_3 = json.loads((tmp_path / "rewards.json").read_text())["rewards"]
+    assert {name: sweep["3.0"][name] for name in at_3} == pytest.approx({n: v["mean"] for n, v in at_3.items()})
+    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "cfg", "--values", "1,-1", *few, "--out", str(tmp_path))
+    assert res.returncode == 2 and "guidance weights must be >= 0" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["geneval", "--ckpt", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     (["rewards", "--reward-option", "aesthetic-head=x"], "expected NAME.KEY=VALUE"),
