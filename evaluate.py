@@ -607,7 +607,8 @@ def cmd_tradeoff(args, ctx):
     """Sweep one reward's positive target (the others stay at 1), or with --reward cfg the guidance weight w (any
     checkpoint, the baseline's too), and report every metric along the sweep."""
     values = [float(v) for v in args.values.split(",")]
-    if args.reward == "cfg":
+    by_cfg = args.reward == "cfg"
+    if by_cfg:
         if not all(v >= 0 for v in values):
             raise ValueError("--values: guidance weights must be >= 0")
     elif args.reward not in ctx.names:
@@ -619,19 +620,19 @@ def cmd_tradeoff(args, ctx):
     judges = ctx.judges()
     sweep = {}
     for v in values:
-        if args.reward == "cfg":
+        if by_cfg:
             rows = ctx.run(items, judges, cfg=v)
         else:
             pos = ctx.pos.clone()
             pos[ctx.names.index(args.reward)] = v
             rows = ctx.run(items, judges, pos=pos)
         sweep[v] = flat_metrics(summarize(rows, items))
-    name = "w" if args.reward == "cfg" else args.reward
+    name = "w" if by_cfg else args.reward
     log(format_table({f"{name}={v:g}": m for v, m in sweep.items()}, list(next(iter(sweep.values())))))
     if args.rank == 0:
         metrics, model = list(next(iter(sweep.values()))), "MIRO" if ctx.names else "baseline"
         plot_curves(args.out / "tradeoff.png", values, {m: {model: [sweep[v][m] for v in values]} for m in metrics},
-                    "guidance weight w" if args.reward == "cfg" else f"{args.reward} target")
+                    "guidance weight w" if by_cfg else f"{args.reward} target")
     return {"reward": args.reward, "sweep": {str(v): m for v, m in sweep.items()}}
 
 
