@@ -11,8 +11,10 @@ divided by the time, next to the device's copy bandwidth measured in the same ru
 tensor: read + write).
 
 Training step of a preset (paper on CUDA, in bf16 autocast; cpu on a CPU, float32): forward, backward and AdamW
-step on random inputs with kernels off (the reference, eager), on (fused CUDA), and torch.compile (Inductor fusing the
-reference); images/s and MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak (train.py).
+step on random inputs with kernels off (eager: the reference), on (fused: the CUDA kernels), torch.compile (compile:
+Inductor fusing the reference) and torch.compile around the CUDA kernels (fused+compile: train.py --compile
+--kernels cuda); images/s and MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak
+(train.py).
 Timings are medians within one run; other processes on the machine change absolute numbers, not ratios much.
 """
 import argparse
@@ -113,7 +115,7 @@ def bench_ops(device, variants, sizes, dtype, copy_gbps):
 # ---------------------------------------------------------------------------------------------------------------
 # Training step
 
-def make_step(preset, batch, device, bf16, variant):
+def make_step(preset, batch, device, bf16, compile):
     """One training step (forward, backward, AdamW) of `preset` on fixed random inputs, as train.py runs it."""
     from model import MIRO, get_config
     from train import flow_matching_loss
@@ -129,7 +131,7 @@ def make_step(preset, batch, device, bf16, variant):
     else:  # precomputed encoder features, as the paper's frozen T5
         text = torch.randn(batch, cfg.max_text_len, cfg.text_dim, device=device)
     condition = {"text": text, "rewards": torch.rand(batch, len(cfg.reward_names), device=device)}
-    forward = torch.compile(model) if variant == "compile" else model
+    forward = torch.compile(model) if compile else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -141,24 +143,31 @@ def make_step(preset, batch, device, bf16, variant):
     return model, step
 
 
+STEP_VARIANTS = {"eager": "torch", "fused": "cuda", "compile": "auto", "fused+compile": "cuda"}  # -> kernels impl
+
+
 def bench_steps(device, variants, preset, batch, bf16, iters):
     from train import mfu_percent, peak_flops
     peak, rows = peak_flops(device), []
     for variant in variants:
-        previous = kernels.set_impl({"eager": "torch", "fused": "cuda", "compile": "auto"}[variant])
+        previous = kernels.set_impl(STEP_VARIANTS[variant])
         try:
             torch._dynamo.reset()
-            model, step = make_step(preset, batch, device, bf16, variant)
-            ms = timed(step, device, warmup=3 if device.type == "cuda" or variant == "compile" else 1, iters=iters)
-        except torch.cuda.OutOfMemoryError:  # report it and go on with the other variants
-            rows.append({"variant": f"{variant} (out of memory)", "step_ms": float("nan"), "images_per_s": 0.0,
-                         "TFLOPps": 0.0, "MFU_pct": None})
+            model, step = make_step(preset, batch, device, bf16, "compile" in variant)
+            ms = timed(step, device, warmup=3 if device.type == "cuda" or "compile" in variant else 1, iters=iters)
+        except Exception as e:  # out of memory, a compiler error: report it and go on with the other variants
+            why = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+            print(f"  step {variant} failed: {why}", flush=True)
+            rows.append({"variant": f"{variant} (failed: {why.splitlines()[0][:80]})", "step_ms": float("nan"),
+                         "images_per_s": 0.0, "TFLOPps": 0.0, "MFU_pct": None})
             model = step = None
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         finally:
             kernels.set_impl(previous)
         images_per_s = batch / ms * 1000
+        print(f"  step {variant}: {ms:.1f} ms", flush=True)  # progress: compiling a variant takes a minute
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
                      "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None})
@@ -222,15 +231,23 @@ def main(argv=None):
 
     preset = args.preset or ("paper" if on_gpu else "cpu")
     batch = args.batch or (128 if on_gpu else 8)
-    step_rows = bench_steps(device, variants, preset, batch, bf16=on_gpu, iters=args.steps or (10 if on_gpu else 5))
+    results = {"device": name, "torch": torch.__version__, "copy_GBps": copy_gbps, "ops": op_rows, "step": [],
+               "preset": preset, "batch": batch}
+    write_json(args.json, results)  # the op numbers survive a step benchmark that runs out of time
+    step_variants = variants + (["fused+compile"] if fused and with_compile else [])
+    step_rows = bench_steps(device, step_variants, preset, batch, bf16=on_gpu,
+                            iters=args.steps or (10 if on_gpu else 5))
     print_table(f"Training step, preset {preset}, batch {batch}, {'bf16 autocast' if on_gpu else 'float32'}; "
                 f"MFU vs dense bf16 peak", step_rows,
                 [("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"),
                  ("TFLOPps", "TFLOP/s", "{:.3g}"), ("MFU_pct", "MFU %", "{:.1f}"), ("speedup", "x eager", "{:.2f}")])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "copy_GBps": copy_gbps, "ops": op_rows,
-                       "step": step_rows, "preset": preset, "batch": batch}, f, indent=2)
+    write_json(args.json, dict(results, step=step_rows))
+
+
+def write_json(path, results):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
