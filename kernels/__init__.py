@@ -8,12 +8,16 @@ Ops (x, y (B, N, D) tokens; shift, scale, gate (B, D) per-sample vectors broadca
 
 Implementation, per call (`impl=`) or for the process (`set_impl`, train.py's --kernels):
     "torch"  the reference.
-    "cuda"   the CUDA kernels, built on first use; bad inputs (CPU tensors, float64, mixed dtypes) and a failed
-             build raise a clear error.
+    "cuda"   the CUDA kernels, built on first use; bad inputs (CPU tensors, float16/float64) and a failed build
+             raise a clear error.
     "auto"   (default) the CUDA kernels for CUDA float32/bfloat16 inputs when they build, else the reference:
              silently for CPU tensors (the designed CPU path), with one warning when CUDA inputs fall back (failed
              build, unsupported dtype). Under torch.compile, auto leaves the ops to Inductor, which fuses the
              reference with its neighbours; "cuda" keeps the custom ops (traced as single ops, no graph break).
+
+Mixed float32/bfloat16 inputs, as under bf16 autocast (float32 residual stream, bfloat16 Linear outputs), give the
+reference's output dtype (x's for norm_modulate; the promoted dtype for gated_residual) on both paths: the kernels
+take x in float32 with a bfloat16 branch directly, and cast the small per-sample vectors.
 """
 import warnings
 
@@ -53,11 +57,9 @@ def _unsupported(tensors):
     devices = {t.device for t in tensors}
     if any(d.type != "cuda" for d in devices) or len(devices) > 1:
         return f"the CUDA kernels need inputs on one CUDA device, got {', '.join(sorted(map(str, devices)))}"
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        return f"the CUDA kernels need one dtype for all inputs, got {', '.join(sorted(map(str, dtypes)))}"
-    if dtypes.pop() not in (torch.float32, torch.bfloat16):
-        return f"the CUDA kernels take float32 or bfloat16, got {tensors[0].dtype}"
+    other = sorted({str(t.dtype) for t in tensors if t.dtype not in (torch.float32, torch.bfloat16)})
+    if other:
+        return f"the CUDA kernels take float32 or bfloat16, got {', '.join(other)}"
     return None
 
 
@@ -88,15 +90,18 @@ def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6, impl=Non
     or None; norm "layer" or "rms" over D without affine terms, in float32. See reference.py."""
     reference.check_norm(norm)
     tensors = [x, shift, scale] + ([] if weight is None else [weight])
-    if _use_cuda("norm_modulate", impl, tensors):
-        return cuda.norm_modulate(x, shift, scale, weight, norm == "rms", eps)
+    if _use_cuda("norm_modulate", impl, tensors):  # the (B, D) and (D,) vectors in x's dtype: a negligible cast
+        weight = None if weight is None else weight.to(x.dtype)
+        return cuda.norm_modulate(x, shift.to(x.dtype), scale.to(x.dtype), weight, norm == "rms", eps)
     return reference.norm_modulate(x, shift, scale, weight, norm, eps)
 
 
 def gated_residual(x, gate, y, impl=None):
     """x + gate[:, None] * y: x/y (B, N, D), gate (B, D). See reference.py."""
-    if _use_cuda("gated_residual", impl, [x, gate, y]):
-        return cuda.gated_residual(x, gate, y)
+    if _use_cuda("gated_residual", impl, [x, gate, y]):  # x in the output dtype, gate in y's (no-ops in the model)
+        out_dtype, branch_dtype = torch.promote_types(x.dtype, gate.dtype), torch.promote_types(gate.dtype, y.dtype)
+        out_dtype = torch.promote_types(out_dtype, branch_dtype)
+        return cuda.gated_residual(x.to(out_dtype), gate.to(branch_dtype), y.to(branch_dtype))
     return reference.gated_residual(x, gate, y)
 
 

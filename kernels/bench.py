@@ -5,7 +5,10 @@
 
 Ops, at DiT-XL/2 shapes on CUDA (batch 32, 256 tokens, width 1152, SwiGLU hidden 3072, bf16) and small float32
 shapes on a CPU: median time of the forward (no grad) and of forward + backward (torch.autograd.grad, so no .grad
-accumulation is timed), and the effective bandwidth: the bytes an ideal fused op moves (each (B, N, D) tensor read
+accumulation is timed), called as a script calls them (Python, autograd and kernel launches included: at these
+sizes a kernel takes tens of microseconds, about what launching it costs) and, on CUDA, replayed from a CUDA graph
+(the GPU time of the kernels alone, as in a training step whose matmuls keep the GPU busy while Python launches the
+next ops). From the graph time, the effective bandwidth: the bytes an ideal fused op moves (each (B, N, D) tensor read
 or written once: norm_modulate 2 forward + 3 backward, gated_residual 3 + 3, swiglu 3 + 5 tensors of (B, N, H))
 divided by the time, next to the device's copy bandwidth measured in the same run (dst.copy_(src) of one (B, N, D)
 tensor: read + write).
@@ -50,12 +53,37 @@ def timed(fn, device, warmup=3, iters=20):
     return statistics.median(times)
 
 
+def graph_timed(fn, device, replays=10, iters=20):
+    """Median milliseconds of fn()'s kernels replayed from a CUDA graph (`replays` back to back per timing, so the
+    replay launch is amortised), or None if fn cannot be captured (the reason is printed)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # an op that cannot be captured: report it, keep the launch-bound timing
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+        torch.cuda.synchronize(device)
+        return None
+
+    def replay():
+        for _ in range(replays):
+            graph.replay()
+    return timed(replay, device, iters=iters) / replays
+
+
 def copy_bandwidth(device, numel, dtype):
     """GB/s of dst.copy_(src) (read + write) for tensors of `numel` elements: the speed of light for ops on such
     tensors (at DiT-XL/2 sizes on an H100 a (B, N, D) bf16 tensor is 19 MB, partly L2-resident)."""
     src = torch.randn(numel, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), device, iters=10)
+    copy = lambda: dst.copy_(src)
+    ms = (graph_timed(copy, device) if device.type == "cuda" else None) or timed(copy, device, iters=10)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -80,7 +108,7 @@ def op_cases(B, N, D, H, dtype, device):
 
 
 def bench_op(fn, inputs, device):
-    """(forward ms, forward + backward ms) of fn(*inputs)."""
+    """(forward ms, forward + backward ms, forward + backward ms from a CUDA graph or None) of fn(*inputs)."""
     leaves = [t.detach().requires_grad_() for t in inputs]
     grad = torch.randn_like(fn(*leaves))
 
@@ -88,9 +116,12 @@ def bench_op(fn, inputs, device):
         with torch.no_grad():
             fn(*leaves)
 
+    def forward_backward():
+        torch.autograd.grad(fn(*leaves), leaves, grad)
+
     iters = 20 if device.type == "cuda" else 10
-    return (timed(forward, device, iters=iters),
-            timed(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device, iters=iters))
+    graph = graph_timed(forward_backward, device) if device.type == "cuda" else None
+    return timed(forward, device, iters=iters), timed(forward_backward, device, iters=iters), graph
 
 
 def bench_ops(device, variants, sizes, dtype, copy_gbps):
@@ -104,11 +135,14 @@ def bench_ops(device, variants, sizes, dtype, copy_gbps):
             else:
                 run = lambda *a, fn=fn, impl=("torch" if variant == "eager" else "cuda"): fn(impl, *a)
             results[variant] = bench_op(run, inputs, device)
-        for variant, (fwd, total) in results.items():
-            rows.append({"op": name, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": total,
-                         "fwd_GBps": fwd_bytes / fwd / 1e6, "fwd_bwd_GBps": total_bytes / total / 1e6,
-                         "fwd_bwd_copy_pct": 100 * total_bytes / total / 1e6 / copy_gbps,
-                         "speedup_fwd": results["eager"][0] / fwd, "speedup_fwd_bwd": results["eager"][1] / total})
+        eager_graph = results["eager"][2]
+        for variant, (fwd, total, graph) in results.items():
+            kernel_ms = graph or total  # the bandwidth of the kernels: graph replay where there is one
+            rows.append({"op": name, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": total, "fwd_bwd_graph_ms": graph,
+                         "fwd_GBps": fwd_bytes / fwd / 1e6, "fwd_bwd_GBps": total_bytes / kernel_ms / 1e6,
+                         "fwd_bwd_copy_pct": 100 * total_bytes / kernel_ms / 1e6 / copy_gbps,
+                         "speedup_fwd": results["eager"][0] / fwd, "speedup_fwd_bwd": results["eager"][1] / total,
+                         "speedup_graph": eager_graph / graph if graph and eager_graph else None})
     return rows
 
 
@@ -225,9 +259,10 @@ def main(argv=None):
     op_rows = bench_ops(device, variants, sizes, dtype, copy_gbps)
     print_table(f"Ops at B={B} N={N} D={D} (SwiGLU H={H}), {str(dtype).replace('torch.', '')}; speed-up vs eager",
                 op_rows, [("op", "op", "{}"), ("variant", "variant", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
-                          ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("fwd_bwd_GBps", "fwd+bwd GB/s", "{:.1f}"),
-                          ("fwd_bwd_copy_pct", "% of copy", "{:.0f}"), ("speedup_fwd", "fwd x", "{:.2f}"),
-                          ("speedup_fwd_bwd", "fwd+bwd x", "{:.2f}")])
+                          ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("speedup_fwd", "fwd x", "{:.2f}"),
+                          ("speedup_fwd_bwd", "fwd+bwd x", "{:.2f}"), ("fwd_bwd_graph_ms", "graph fwd+bwd ms", "{:.3f}"),
+                          ("speedup_graph", "graph x", "{:.2f}"), ("fwd_bwd_GBps", "fwd+bwd GB/s", "{:.0f}"),
+                          ("fwd_bwd_copy_pct", "% of copy", "{:.0f}")])
 
     preset = args.preset or ("paper" if on_gpu else "cpu")
     batch = args.batch or (128 if on_gpu else 8)

@@ -35,12 +35,13 @@ int nm_bwd(const void* dy, const void* x, const void* scale, const void* weight,
                                    DType(dtype)}, nullptr);
 }
 int gr_fwd(const void* x, const void* gate, const void* y, void* out, int64_t B, int64_t N, int64_t D, int64_t gs,
-           int dtype) {
-  return launch_gated_residual_fwd({x, gate, y, out, B, N, D, gs, DType(dtype)}, nullptr);
+           int dtype, int branch_dtype) {
+  return launch_gated_residual_fwd({x, gate, y, out, B, N, D, gs, DType(dtype), DType(branch_dtype)}, nullptr);
 }
 int gr_bwd(const void* dout, const void* gate, const void* y, void* dy, float* part, int64_t B, int64_t N, int64_t D,
-           int64_t gs, int64_t R, int dtype) {
-  return launch_gated_residual_bwd({dout, gate, y, dy, part, B, N, D, gs, R, DType(dtype)}, nullptr);
+           int64_t gs, int64_t R, int dtype, int branch_dtype) {
+  return launch_gated_residual_bwd({dout, gate, y, dy, part, B, N, D, gs, R, DType(dtype), DType(branch_dtype)},
+                                   nullptr);
 }
 int sw_fwd(const void* h, void* out, int64_t rows, int64_t H, int dtype) {
   return launch_swiglu_fwd({h, nullptr, out, rows, H, DType(dtype)}, nullptr);
@@ -132,7 +133,7 @@ class Emulated:
     def gated_residual(self, x, gate, y):
         out = _poisoned(*x.shape, dtype=x.dtype)
         self._call("gr_fwd", _ptr(x), _ptr(gate), _ptr(y), _ptr(out), *x.shape, gate.stride(0),
-                   ctypes.c_int(self._dtype(x)))
+                   ctypes.c_int(self._dtype(x)), ctypes.c_int(self._dtype(y)))
         return out
 
     def gated_residual_bwd(self, dout, gate, y):
@@ -140,7 +141,7 @@ class Emulated:
         R = self.lib.chunk_rows(B, N)
         part, dy = _poisoned(B, -(-N // R), D), _poisoned(*y.shape, dtype=y.dtype)
         self._call("gr_bwd", _ptr(dout), _ptr(gate), _ptr(y), _ptr(dy), _ptr(part), B, N, D, gate.stride(0), R,
-                   ctypes.c_int(self._dtype(y)))
+                   ctypes.c_int(self._dtype(dout)), ctypes.c_int(self._dtype(y)))
         return dy, self._sum_chunks(part, y)
 
     def swiglu(self, h):

@@ -31,8 +31,16 @@ print(build.build(), f'built/loaded in {time.time() - t:.0f} s')" 2>&1 | tail -8
 build_ok=${PIPESTATUS[0]}
 
 stamp "GPU tests"
-timeout 150 $PY -m pytest -q -rfE --tb=line tests/test_kernels.py -k gpu -p no:cacheprovider 2>&1 | tail -25 \
-    | tee "$OUT/tests.txt"
+# In four processes, so a crash in one group (named by faulthandler's traceback) leaves the others' results.
+: >"$OUT/tests.txt"
+for group in "gpu and not errors and not compiles and not model_gradients" gpu_errors gpu_compiles gpu_model_gradients
+do
+    timeout 120 $PY -X faulthandler -m pytest -v -rfE --tb=short tests/test_kernels.py -k "$group" -p no:cacheprovider \
+        >>"$OUT/tests.txt" 2>&1
+    echo "GPU tests -k '$group': exit code $?" >>"$OUT/tests.txt"
+done
+grep -E "^(FAILED|ERROR)|Fatal Python|test_kernels.py\", line|^E  |=====.*(passed|failed|error)|exit code" \
+    "$OUT/tests.txt" | cut -c1-300 | tail -60
 
 stamp "train.py on the GPU (tiny preset, fused kernels)"
 timeout 90 $PY train.py --preset tiny --device cuda --kernels cuda --runs-dir /tmp/miro_gpu_runs --name check \
@@ -44,14 +52,16 @@ timeout 330 $PY -m kernels.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench
 
 stamp "summary"
 echo "build exit code: $build_ok"
-echo "GPU tests: $(grep -E 'passed|failed|error' "$OUT/tests.txt" | tail -1)"
+grep -E "=====.*(passed|failed|error)|exit code" "$OUT/tests.txt"
 [ -f "$OUT/bench.json" ] && $PY - "$OUT/bench.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['device']}, torch {r['torch']}, copy {r['copy_GBps']:.0f} GB/s")
-print("| op | variant | fwd+bwd ms | GB/s | x eager |")
+f = lambda v, fmt: "-" if v is None else format(v, fmt)
+print("| op | variant | fwd+bwd ms | x eager | graph ms | graph x eager | GB/s |")
 for o in r["ops"]:
-    print(f"| {o['op']} | {o['variant']} | {o['fwd_bwd_ms']:.3f} | {o['fwd_bwd_GBps']:.0f} | {o['speedup_fwd_bwd']:.2f} |")
+    print(f"| {o['op']} | {o['variant']} | {o['fwd_bwd_ms']:.3f} | {o['speedup_fwd_bwd']:.2f} | "
+          f"{f(o['fwd_bwd_graph_ms'], '.3f')} | {f(o['speedup_graph'], '.2f')} | {o['fwd_bwd_GBps']:.0f} |")
 print(f"| step {r['preset']} B={r['batch']} | variant | ms | img/s | MFU % | x eager |")
 for s in r["step"]:
     mfu = "-" if s["MFU_pct"] is None else f"{s['MFU_pct']:.1f}"

@@ -28,15 +28,17 @@ struct NormModulateBwd {
   bool rms; DType dtype;
 };
 
+// The gated residual takes two storage types: `dtype` for x and out (the residual stream, float32 under bf16
+// autocast) and `branch_dtype` for gate and y (and dy): the outputs of bf16 Linear layers under autocast.
 struct GatedResidualFwd {
   const void* x; const void* gate; const void* y; void* out;
-  int64_t B, N, D, gate_stride; DType dtype;
+  int64_t B, N, D, gate_stride; DType dtype, branch_dtype;
 };
 
 struct GatedResidualBwd {
-  const void* dout; const void* gate; const void* y;
-  void* dy; float* part_gate;  // (B, chunks, D) float32: per-chunk sums of dout * y over tokens
-  int64_t B, N, D, gate_stride, rows_per_chunk; DType dtype;
+  const void* dout; const void* gate; const void* y;  // dout in dtype; gate, y in branch_dtype
+  void* dy; float* part_gate;  // dy in branch_dtype; (B, chunks, D) float32: per-chunk sums of dout * y over tokens
+  int64_t B, N, D, gate_stride, rows_per_chunk; DType dtype, branch_dtype;
 };
 
 struct SwiGLU {

@@ -41,10 +41,10 @@ void check_tokens(const Tensor& x, const Tensor& t, const char* op, const char* 
 }
 
 // A per-sample (B, D) vector for x (B, N, D): unit stride along D, any stride along B (0 broadcasts one vector).
-void check_per_sample(const Tensor& x, const Tensor& v, const char* op, const char* name) {
-  check_like(x, v, op, name, "x");
+void check_per_sample(const Tensor& x, const Tensor& v, const char* op, const char* name, const char* x_name = "x") {
+  check_like(x, v, op, name, x_name);
   TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == x.size(2), op, ": ", name, " must be (B, D) = (",
-              x.size(0), ", ", x.size(2), ") for x of shape ", x.sizes(), ", got ", v.sizes());
+              x.size(0), ", ", x.size(2), ") for ", x_name, " of shape ", x.sizes(), ", got ", v.sizes());
   TORCH_CHECK(v.stride(1) == 1 || v.size(1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
               v.strides());
 }
@@ -128,15 +128,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_modulate_bwd(const Tensor& dy, c
 
 constexpr const char* kGatedResidual = "miro_kernels.gated_residual";
 
+// x and out in one dtype, gate and y in one dtype (float32 or bfloat16 each): under bf16 autocast the residual stream
+// is float32 and the branch (gate, y) bfloat16.
 Tensor gated_residual_fwd(const Tensor& x, const Tensor& gate, const Tensor& y) {
   const char* op = kGatedResidual;
   check_main(x, op, "x", 3);
   c10::cuda::CUDAGuard guard(x.device());
-  check_per_sample(x, gate, op, "gate");
-  check_tokens(x, y, op, "y");
+  check_main(y, op, "y", 3);
+  TORCH_CHECK(y.device() == x.device() && y.sizes() == x.sizes(), op, ": y must have x's shape ", x.sizes(),
+              " and device ", x.device(), ", got ", y.sizes(), " on ", y.device());
+  check_per_sample(y, gate, op, "gate", "y");
   Tensor out = at::empty_like(x);
-  miro::GatedResidualFwd a{x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(),
-                           x.size(0), x.size(1), x.size(2), gate.stride(0), dtype_tag(x, op)};
+  miro::GatedResidualFwd a{x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(), x.size(0), x.size(1),
+                           x.size(2), gate.stride(0), dtype_tag(x, op), dtype_tag(y, op)};
   check_launch(miro::launch_gated_residual_fwd(a, c10::cuda::getCurrentCUDAStream()), op);
   return out;
 }
@@ -145,14 +149,16 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
   const char* op = kGatedResidual;
   check_main(y, op, "y", 3);
   c10::cuda::CUDAGuard guard(y.device());
-  check_per_sample(y, gate, op, "gate");
-  check_tokens(y, dout, op, "grad_output");
+  check_per_sample(y, gate, op, "gate", "y");
+  check_main(dout, op, "grad_output", 3);
+  TORCH_CHECK(dout.device() == y.device() && dout.sizes() == y.sizes(), op, ": grad_output must have y's shape ",
+              y.sizes(), " and device ", y.device(), ", got ", dout.sizes(), " on ", dout.device());
   const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
   const int64_t R = miro::rows_per_chunk(B, N), chunks = (N + R - 1) / R;
   Tensor part = at::empty({B, chunks, D}, y.options().dtype(at::kFloat));  // sums of dout * y per chunk
   Tensor dy = at::empty_like(y);
   miro::GatedResidualBwd a{dout.data_ptr(), gate.data_ptr(), y.data_ptr(), dy.data_ptr(), part.data_ptr<float>(),
-                           B, N, D, gate.stride(0), R, dtype_tag(y, op)};
+                           B, N, D, gate.stride(0), R, dtype_tag(dout, op), dtype_tag(y, op)};
   check_launch(miro::launch_gated_residual_bwd(a, c10::cuda::getCurrentCUDAStream()), op);
   return {dy, sum_chunks(part, y, nullptr, op)};
 }
