@@ -12,41 +12,56 @@ namespace {
 
 using at::Tensor;
 
+// "[2, 5, 64]": shapes and strides for the error messages, spelled out with std::to_string. Every number in a
+// message goes through it or std::to_string: TORCH_CHECK streams its arguments into a std::ostream, and inserting an
+// integer there segfaulted inside this library on the H200 machine (torch 2.11, CUDA 13; backtrace in
+// std::basic_ostream::_M_insert<long>) instead of raising the error.
+std::string dims_str(at::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
 miro::DType dtype_tag(const Tensor& x, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": the CUDA kernels take float32 or bfloat16, got ", x.scalar_type());
+              ": the CUDA kernels take float32 or bfloat16, got ",
+              c10::toString(x.scalar_type()));
   return x.scalar_type() == at::kBFloat16 ? miro::DType::kBFloat16 : miro::DType::kFloat32;
 }
 
 // x (or h): the reference input. CUDA, contiguous, float32/bfloat16, at least `dims` dimensions.
 void check_main(const Tensor& x, const char* op, const char* name, int64_t dims) {
-  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", x.device().str());
   TORCH_CHECK(dims < 0 ? x.dim() >= 1 : x.dim() == dims, op, ": ", name, " must have ",
-              dims < 0 ? "at least 1" : std::to_string(dims), " dimensions, got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ", x.strides());
+              dims < 0 ? "at least 1" : std::to_string(dims), " dimensions, got shape ", dims_str(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ",
+              dims_str(x.strides()));
 }
 
 void check_like(const Tensor& ref, const Tensor& t, const char* op, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but ", ref_name, " is ",
-              ref.scalar_type(), " (cast the inputs to one dtype)");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device().str(), " but ", ref_name, " is on ",
+              ref.device().str());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", c10::toString(t.scalar_type()), " but ",
+              ref_name, " is ", c10::toString(ref.scalar_type()), " (cast the inputs to one dtype)");
 }
 
 // A (B, N, D) tensor shaped and laid out like x.
 void check_tokens(const Tensor& x, const Tensor& t, const char* op, const char* name) {
   check_like(x, t, op, name, "x");
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ", t.strides());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", dims_str(x.sizes()), ", got ",
+              dims_str(t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ",
+              dims_str(t.strides()));
 }
 
 // A per-sample (B, D) vector for x (B, N, D): unit stride along D, any stride along B (0 broadcasts one vector).
 void check_per_sample(const Tensor& x, const Tensor& v, const char* op, const char* name, const char* x_name = "x") {
   check_like(x, v, op, name, x_name);
-  TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == x.size(2), op, ": ", name, " must be (B, D) = (",
-              x.size(0), ", ", x.size(2), ") for ", x_name, " of shape ", x.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == x.size(2), op, ": ", name, " must be (B, D) = ",
+              dims_str({x.size(0), x.size(2)}), " for ", x_name, " of shape ", dims_str(x.sizes()), ", got ",
+              dims_str(v.sizes()));
   TORCH_CHECK(v.stride(1) == 1 || v.size(1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
-              v.strides());
+              dims_str(v.strides()));
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -74,10 +89,12 @@ void check_norm_modulate(const Tensor& x, const Tensor& scale, const std::option
   if (weight.has_value()) {
     check_like(x, *weight, op, "weight", "x");
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(2) && weight->is_contiguous(), op,
-                ": weight must be a contiguous (D,) = (", x.size(2), ",) tensor, got shape ", weight->sizes());
+                ": weight must be a contiguous (D,) = ", dims_str({x.size(2)}), " tensor, got shape ",
+                dims_str(weight->sizes()));
   }
   const int64_t max_width = miro::norm_modulate_max_width();
-  TORCH_CHECK(x.size(2) <= max_width, op, ": width D = ", x.size(2), " exceeds the kernels' maximum of ", max_width,
+  TORCH_CHECK(x.size(2) <= max_width, op, ": width D = ", std::to_string(x.size(2)),
+              " exceeds the kernels' maximum of ", std::to_string(max_width),
               " on this GPU (shared memory); use the PyTorch reference (impl='torch')");
 }
 
@@ -135,8 +152,8 @@ Tensor gated_residual_fwd(const Tensor& x, const Tensor& gate, const Tensor& y) 
   check_main(x, op, "x", 3);
   c10::cuda::CUDAGuard guard(x.device());
   check_main(y, op, "y", 3);
-  TORCH_CHECK(y.device() == x.device() && y.sizes() == x.sizes(), op, ": y must have x's shape ", x.sizes(),
-              " and device ", x.device(), ", got ", y.sizes(), " on ", y.device());
+  TORCH_CHECK(y.device() == x.device() && y.sizes() == x.sizes(), op, ": y must have x's shape ", dims_str(x.sizes()),
+              " and device ", x.device().str(), ", got ", dims_str(y.sizes()), " on ", y.device().str());
   check_per_sample(y, gate, op, "gate", "y");
   Tensor out = at::empty_like(x);
   miro::GatedResidualFwd a{x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(), x.size(0), x.size(1),
@@ -152,7 +169,8 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
   check_per_sample(y, gate, op, "gate", "y");
   check_main(dout, op, "grad_output", 3);
   TORCH_CHECK(dout.device() == y.device() && dout.sizes() == y.sizes(), op, ": grad_output must have y's shape ",
-              y.sizes(), " and device ", y.device(), ", got ", dout.sizes(), " on ", dout.device());
+              dims_str(y.sizes()), " and device ", y.device().str(), ", got ", dims_str(dout.sizes()), " on ",
+              dout.device().str());
   const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
   const int64_t R = miro::rows_per_chunk(B, N), chunks = (N + R - 1) / R;
   Tensor part = at::empty({B, chunks, D}, y.options().dtype(at::kFloat));  // sums of dout * y per chunk
@@ -170,7 +188,8 @@ constexpr const char* kSwiGLU = "miro_kernels.swiglu";
 void check_swiglu(const Tensor& h) {
   check_main(h, kSwiGLU, "h", -1);
   dtype_tag(h, kSwiGLU);
-  TORCH_CHECK(h.size(-1) % 2 == 0, kSwiGLU, ": the last dimension of h must be even ([a | b]), got ", h.size(-1));
+  TORCH_CHECK(h.size(-1) % 2 == 0, kSwiGLU, ": the last dimension of h must be even ([a | b]), got ",
+              std::to_string(h.size(-1)));
 }
 
 Tensor swiglu_fwd(const Tensor& h) {
@@ -193,7 +212,7 @@ Tensor swiglu_bwd(const Tensor& dout, const Tensor& h) {
   const int64_t H = shape.back() / 2;
   shape.back() = H;
   TORCH_CHECK(dout.sizes() == at::IntArrayRef(shape) && dout.is_contiguous(), kSwiGLU,
-              ": grad_output must be contiguous with shape ", at::IntArrayRef(shape), ", got ", dout.sizes());
+              ": grad_output must be contiguous with shape ", dims_str(shape), ", got ", dims_str(dout.sizes()));
   Tensor dh = at::empty_like(h);
   miro::SwiGLU p{h.data_ptr(), dout.data_ptr(), dh.data_ptr(), H ? h.numel() / (2 * H) : 0, H, dtype_tag(h, kSwiGLU)};
   check_launch(miro::launch_swiglu_bwd(p, c10::cuda::getCurrentCUDAStream()), kSwiGLU);
