@@ -180,7 +180,27 @@ def make_step(preset, batch, device, bf16, compile):
 STEP_VARIANTS = {"eager": "torch", "fused": "cuda", "compile": "auto", "fused+compile": "cuda"}  # -> kernels impl
 
 
-def bench_steps(device, variants, preset, batch, bf16, iters):
+def profile_step(step, device, rows=15):
+    """Print the kernels that take the most device time over 3 steps (torch.profiler), after a warm step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for sort_by in (["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else
+                    ["self_cpu_time_total"]):  # the device column's name changed across torch versions
+        try:
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+            return
+        except (AttributeError, KeyError, ValueError) as e:
+            reason = e
+    print(f"(no profile table: {reason})")
+
+
+def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
     from train import mfu_percent, peak_flops
     peak, rows = peak_flops(device), []
     for variant in variants:
@@ -202,6 +222,9 @@ def bench_steps(device, variants, preset, batch, bf16, iters):
             kernels.set_impl(previous)
         images_per_s = batch / ms * 1000
         print(f"  step {variant}: {ms:.1f} ms", flush=True)  # progress: compiling a variant takes a minute
+        if profile and variant == variants[-1]:
+            print(f"\nWhere the time goes, step {variant} (3 steps):")
+            profile_step(step, device)
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
                      "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None})
@@ -237,6 +260,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed training steps per variant (default 10 CUDA, 5 CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steady timings on a shared CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of the last training-step variant "
+                                                          "(torch.profiler)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -271,7 +296,7 @@ def main(argv=None):
     write_json(args.json, results)  # the op numbers survive a step benchmark that runs out of time
     step_variants = variants + (["fused+compile"] if fused and with_compile else [])
     step_rows = bench_steps(device, step_variants, preset, batch, bf16=on_gpu,
-                            iters=args.steps or (10 if on_gpu else 5))
+                            iters=args.steps or (10 if on_gpu else 5), profile=args.profile)
     print_table(f"Training step, preset {preset}, batch {batch}, {'bf16 autocast' if on_gpu else 'float32'}; "
                 f"MFU vs dense bf16 peak", step_rows,
                 [("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"),

@@ -48,7 +48,7 @@ timeout 90 $PY train.py --preset tiny --device cuda --kernels cuda --runs-dir /t
     | grep -E "^(kernels|training|step|done)|rror" | tee "$OUT/train.txt"
 
 stamp "benchmark"
-timeout 330 $PY -m kernels.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 330 $PY -m kernels.bench --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 
 stamp "summary"
 echo "build exit code: $build_ok"
