@@ -16,9 +16,10 @@ tensor: read + write).
 Training step of a preset (paper on CUDA, in bf16 autocast; cpu on a CPU, float32): forward, backward and AdamW
 step on random inputs with kernels off (eager: the reference), on (fused: the CUDA kernels), torch.compile (compile:
 Inductor fusing the reference) and torch.compile around the CUDA kernels (fused+compile: train.py --compile
---kernels cuda); images/s and MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak
-(train.py).
-Timings are medians within one run; other processes on the machine change absolute numbers, not ratios much.
+--kernels cuda); images/s, MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak (train.py),
+and the peak memory allocated (weights, gradients, AdamW state, activations: does a rank's batch fit the card, or
+does it need --grad-accum?). Timings are medians within one run; other processes on the machine change absolute
+numbers, not ratios much.
 """
 import argparse
 import json
@@ -207,13 +208,15 @@ def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
         previous = kernels.set_impl(STEP_VARIANTS[variant])
         try:
             torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             model, step = make_step(preset, batch, device, bf16, "compile" in variant)
             ms = timed(step, device, warmup=3 if device.type == "cuda" or "compile" in variant else 1, iters=iters)
         except Exception as e:  # out of memory, a compiler error: report it and go on with the other variants
             why = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
             print(f"  step {variant} failed: {why}", flush=True)
             rows.append({"variant": f"{variant} (failed: {why.splitlines()[0][:80]})", "step_ms": float("nan"),
-                         "images_per_s": 0.0, "TFLOPps": 0.0, "MFU_pct": None})
+                         "images_per_s": 0.0, "TFLOPps": 0.0, "MFU_pct": None, "peak_GB": None})
             model = step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -227,7 +230,9 @@ def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
             profile_step(step, device)
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
-                     "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None})
+                     "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None,
+                     # weights, gradients, AdamW state and activations: does a rank's batch fit the card?
+                     "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None})
         del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -300,7 +305,8 @@ def main(argv=None):
     print_table(f"Training step, preset {preset}, batch {batch}, {'bf16 autocast' if on_gpu else 'float32'}; "
                 f"MFU vs dense bf16 peak", step_rows,
                 [("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"),
-                 ("TFLOPps", "TFLOP/s", "{:.3g}"), ("MFU_pct", "MFU %", "{:.1f}"), ("speedup", "x eager", "{:.2f}")])
+                 ("TFLOPps", "TFLOP/s", "{:.3g}"), ("MFU_pct", "MFU %", "{:.1f}"), ("speedup", "x eager", "{:.2f}"),
+                 ("peak_GB", "peak GB", "{:.1f}")])
     write_json(args.json, dict(results, step=step_rows))
 
 

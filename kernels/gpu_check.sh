@@ -62,8 +62,8 @@ print("| op | variant | fwd+bwd ms | x eager | graph ms | graph x eager | GB/s |
 for o in r["ops"]:
     print(f"| {o['op']} | {o['variant']} | {o['fwd_bwd_ms']:.3f} | {o['speedup_fwd_bwd']:.2f} | "
           f"{f(o['fwd_bwd_graph_ms'], '.3f')} | {f(o['speedup_graph'], '.2f')} | {o['fwd_bwd_GBps']:.0f} |")
-print(f"| step {r['preset']} B={r['batch']} | variant | ms | img/s | MFU % | x eager |")
+print(f"| step {r['preset']} B={r['batch']} | variant | ms | img/s | MFU % | x eager | peak GB |")
 for s in r["step"]:
-    mfu = "-" if s["MFU_pct"] is None else f"{s['MFU_pct']:.1f}"
-    print(f"| | {s['variant']} | {s['step_ms']:.1f} | {s['images_per_s']:.0f} | {mfu} | {s['speedup']:.2f} |")
+    print(f"| | {s['variant']} | {s['step_ms']:.1f} | {s['images_per_s']:.0f} | {f(s['MFU_pct'], '.1f')} | "
+          f"{s['speedup']:.2f} | {f(s['peak_GB'], '.1f')} |")
 PY
