@@ -99,8 +99,8 @@ def norm_modulate(x, shift, scale, weight=None, norm="layer", eps=1e-6, impl=Non
 def gated_residual(x, gate, y, impl=None):
     """x + gate[:, None] * y: x/y (B, N, D), gate (B, D). See reference.py."""
     if _use_cuda("gated_residual", impl, [x, gate, y]):  # x in the output dtype, gate in y's (no-ops in the model)
-        out_dtype, branch_dtype = torch.promote_types(x.dtype, gate.dtype), torch.promote_types(gate.dtype, y.dtype)
-        out_dtype = torch.promote_types(out_dtype, branch_dtype)
+        branch_dtype = torch.promote_types(gate.dtype, y.dtype)
+        out_dtype = torch.promote_types(x.dtype, branch_dtype)  # eager's type promotion, as the reference
         return cuda.gated_residual(x.to(out_dtype), gate.to(branch_dtype), y.to(branch_dtype))
     return reference.gated_residual(x, gate, y)
 
