@@ -484,18 +484,20 @@ def format_seed_table(seeds: dict[str, dict[str, dict]], columns: list[str]) -> 
     return "\n".join(lines)
 
 
-def format_speedup_table(seed_speedups: dict[str, dict[str, float | None]]) -> str:
-    """A markdown table of the speed-up per seed (seed_speedups[seed][metric] = speedup(), None: not reached)."""
-    columns = list(next(iter(seed_speedups.values())))
+def format_speedup_table(rows: dict[str, dict[str, float | None]]) -> str:
+    """A markdown table of speed-ups, one row per label ("seed 0", ...): rows[label][metric] = speedup() (None: not
+    reached)."""
+    columns = list(next(iter(rows.values())))
     lines = ["| speed-up | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for seed, row in seed_speedups.items():
+    for label, row in rows.items():
         cells = ["not reached" if row[c] is None else f"{row[c]:.1f}x" for c in columns]
-        lines.append(f"| seed {seed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title: str = ""):
-    """One panel per metric, one line per model/setting: curves[metric][label] = values along x (or (x, values))."""
+def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title: str = "", styles=None):
+    """One panel per metric, one line per model/setting: curves[metric][label] = values along x (or (x, values));
+    styles: {label: matplotlib line keywords} for some labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -506,7 +508,7 @@ def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title:
     for ax, (metric, lines) in zip(axes.flat, curves.items()):
         for label, ys in lines.items():
             xs, ys = ys if isinstance(ys, tuple) else (x, ys)
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
+            ax.plot(xs, ys, **{"marker": "o", "ms": 3, **(styles or {}).get(label, {})}, label=label)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -848,19 +850,34 @@ def cmd_convergence(args, _ctx=None):
     log(format_table(table, metrics))
     log("speedup (baseline steps / MIRO steps to reach the baseline's final value and stay): " +
           ", ".join(f"{m} {'not reached' if s is None else f'{s:.1f}x'}" for m, s in speedups.items()))
-    plot_curves(out / "convergence.png", steps,
-                {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
-                 for m in metrics}, "training step", "baseline vs MIRO on the held-out built-in prompts")
+    lines = {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
+             for m in metrics}
+    styles, mean_speedups = {}, {}
+    if extra_seeds:  # one seed's curves wander by about the gap between the models: show the mean over seeds too
+        mean = {label: {m: np.mean([[c[m] for c in curves[pair[i]]] for pair in seed_pairs.values()], 0).tolist()
+                        for m in metrics} for i, label in enumerate(("baseline", "MIRO"))}
+        mean_speedups = {m: speedup(steps, mean["baseline"][m], mean["MIRO"][m]) for m in metrics if m != "diversity"}
+        for label, color in (("baseline", "C0"), ("MIRO", "C1")):
+            mean_label = f"{label}, {len(seed_pairs)}-seed mean"
+            styles.update({label: {"color": color, "alpha": 0.45},
+                           mean_label: {"color": color, "linestyle": "--", "marker": "s"}})
+            for m in metrics:
+                lines[m][mean_label] = mean[label][m]
+    plot_curves(out / "convergence.png", steps, lines, "training step",
+                "baseline vs MIRO on the held-out built-in prompts" +
+                (f" (solid: seed {args.seed}; dashed: mean of {len(seed_pairs)} seeds)" if extra_seeds else ""), styles)
     (out / "table.md").write_text(format_table(table, metrics) + "\n")
     seeds = {}
     if extra_seeds:
         seeds = {label: {seed: curves[pair[i]][-1] for seed, pair in seed_pairs.items()}
                  for i, label in enumerate(("baseline", "MIRO"))}
-        text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(seed_speedups)
+        rows = {f"seed {seed}": row for seed, row in seed_speedups.items()}
+        rows[f"mean curve of {len(seed_pairs)} seeds"] = mean_speedups
+        text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(rows)
         log(text)
         (out / "seeds.md").write_text(text + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
-            "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {},
+            "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {}, "mean_speedups": mean_speedups,
             "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
             "condition": condition, "judges": judges, "reward_options": args.reward_options}
 

@@ -265,9 +265,15 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
         base, miro = [c[metric] for c in curves["baseline_seed1"]], [c[metric] for c in curves["miro_seed1"]]
         assert value == evaluate.speedup([4, 8], base, miro)
     assert curves["miro_seed1"][-1] == seeds["MIRO"]["1"]
+    for metric, value in result["mean_speedups"].items():  # the speed-up of the curves averaged over the seeds
+        base, miro = ([(a[metric] + b[metric]) / 2 for a, b in zip(curves[run], curves[f"{run}_seed1"])]
+                      for run in ("baseline", "miro"))
+        assert value == evaluate.speedup([4, 8], base, miro)
+    assert set(result["mean_speedups"]) == set(result["speedup"])
     spread = (out / "seeds.md").read_text().splitlines()
-    assert len(spread) == 10 and spread[4].startswith("| MIRO >= baseline |") and spread[5] == ""
-    assert spread[6].startswith("| speed-up |") and [r[:10] for r in spread[8:]] == ["| seed 0 |", "| seed 1 |"]
+    assert len(spread) == 11 and spread[4].startswith("| MIRO >= baseline |") and spread[5] == ""
+    assert spread[6].startswith("| speed-up |") and [r[:10] for r in spread[8:10]] == ["| seed 0 |", "| seed 1 |"]
+    assert spread[10].startswith("| mean curve of 2 seeds |")
     # curves (the repeated seeds' too), tuned row, ablations; evaluated two at a time, so in no fixed order
     assert sorted(contexts) == sorted([*kept, Path("miro", "ckpt.pt"), *final])
     n_evaluations = len(contexts)
