@@ -19,11 +19,36 @@ Mixed float32/bfloat16 inputs, as under bf16 autocast (float32 residual stream, 
 reference's output dtype (x's for norm_modulate; the promoted dtype for gated_residual) on both paths: the kernels
 take x in float32 with a bfloat16 branch directly, and cast the small per-sample vectors.
 """
+import importlib.metadata
 import warnings
 
 import torch
 
 from . import cuda, reference
+
+
+def pypi_kernels_clash() -> str | None:
+    """Why transformers would break here, or None. PyPI's `kernels` (Hugging Face's hub kernels, a dependency of
+    transformers >= 5.25) has this package's import name, and from this repository's root `import kernels` finds
+    this folder first: where transformers thinks that package is usable, it imports it on loading any model and fails
+    deep inside. requirements.txt pins transformers below 5.25, which without it runs fine."""
+    try:
+        installed = importlib.metadata.version("kernels")  # this folder has no distribution metadata
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    try:
+        from transformers.utils.import_utils import is_kernels_available
+    except ImportError:
+        return None
+    if not is_kernels_available():
+        return None
+    return (f"PyPI's `kernels` {installed} is installed and transformers imports it under the same name as this "
+            "repository's kernels/, so loading any transformers model (real rewards, T5, Mask2Former) fails: "
+            "pip install 'transformers<5.25' (as requirements.txt pins) and pip uninstall kernels")
+
+
+if (_clash := pypi_kernels_clash()) is not None:
+    warnings.warn(_clash, stacklevel=2)
 
 IMPLS = ("auto", "cuda", "torch")
 _settings = {"impl": "auto"}

@@ -75,6 +75,30 @@ def test_norm_modulate_gradcheck(norm, use_weight):
     assert torch.autograd.gradcheck(fn, (x, shift, scale, weight))
 
 
+def test_pypi_kernels_clash_is_named_only_where_transformers_would_import_it(monkeypatch):
+    """PyPI's `kernels` shares this package's import name: flagged only when it is installed and transformers deems
+    it usable (then transformers would import this folder instead); the message says how to fix it."""
+    import importlib.metadata
+
+    import transformers.utils.import_utils as import_utils
+
+    def installed(version):
+        def fake(name):
+            if name == "kernels" and version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version if name == "kernels" else importlib.metadata.version(name)
+        return fake
+
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda: True)
+    monkeypatch.setattr(importlib.metadata, "version", installed(None))
+    assert kernels.pypi_kernels_clash() is None  # not installed: nothing to shadow
+    monkeypatch.setattr(importlib.metadata, "version", installed("0.19.1"))
+    message = kernels.pypi_kernels_clash()
+    assert "0.19.1" in message and "transformers<5.25" in message and "pip uninstall kernels" in message
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda: False)
+    assert kernels.pypi_kernels_clash() is None  # installed, but a version transformers does not import
+
+
 def test_gated_residual_gradcheck():
     x, _, gate, _ = _inputs(B=2, N=3, D=6)
     y = torch.randn_like(x)
