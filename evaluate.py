@@ -997,6 +997,7 @@ def main(argv=None):
                                     "step": ctx.ckpt["step"] if ctx else None, **result}, indent=1))
         log(f"wrote {path}")
     if dist.is_initialized():
+        dist.barrier()  # every rank leaves together, after rank 0 has written (as train.py)
         dist.destroy_process_group()
 
 

@@ -672,6 +672,7 @@ def main(argv=None):
     log(f"done: {step} steps ({nan_skipped} skipped as non-finite) in {(time.time() - train_start) / 60:.1f} min "
         f"of training, {(time.time() - wall_start) / 60:.1f} min wall time in all; checkpoint {run_dir / 'ckpt.pt'}")
     if distributed:
+        dist.barrier()  # every rank leaves together, after rank 0's last checkpoint (a rank that exits early can abort)
         dist.destroy_process_group()
 
 
