@@ -31,7 +31,7 @@ def pypi_kernels_clash() -> str | None:
     """Why transformers would break here, or None. PyPI's `kernels` (Hugging Face's hub kernels, a dependency of
     transformers >= 5.25) has this package's import name, and from this repository's root `import kernels` finds
     this folder first: where transformers thinks that package is usable, it imports it on loading any model and fails
-    deep inside. requirements.txt pins transformers below 5.25, which without it runs fine."""
+    deep inside. requirements.txt pins transformers below 5.25, which does not require it."""
     try:
         installed = importlib.metadata.version("kernels")  # this folder has no distribution metadata
     except importlib.metadata.PackageNotFoundError:

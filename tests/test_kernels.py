@@ -82,11 +82,15 @@ def test_pypi_kernels_clash_is_named_only_where_transformers_would_import_it(mon
 
     import transformers.utils.import_utils as import_utils
 
-    def installed(version):
+    real_version = importlib.metadata.version
+
+    def installed(version):  # importlib.metadata.version as if PyPI's kernels `version` (None: absent) were installed
         def fake(name):
-            if name == "kernels" and version is None:
+            if name != "kernels":
+                return real_version(name)
+            if version is None:
                 raise importlib.metadata.PackageNotFoundError(name)
-            return version if name == "kernels" else importlib.metadata.version(name)
+            return version
         return fake
 
     monkeypatch.setattr(import_utils, "is_kernels_available", lambda: True)
