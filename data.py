@@ -964,6 +964,12 @@ def annotation_scores(annotations: dict, names) -> dict[str, np.ndarray]:
     return out
 
 
+def sample_scores(annotations: dict, keys, names) -> dict[str, list[float]]:
+    """{name: the score of each key, in order}: the built-in world's per-sample reward columns, NaN where a key has
+    no score (the binner maps NaN to the lowest bin). annotations: {key: {column: score}}."""
+    return {name: [annotations.get(key, {}).get(name, float("nan")) for key in keys] for name in names}
+
+
 class RewardTable:
     """Reward conditioning values joined by sample key, per caption field.
 

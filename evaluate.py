@@ -8,6 +8,7 @@ convergence experiment that reproduces the paper's headline claim on the built-i
     python evaluate.py diversity --ckpt runs/miro                # mean pairwise distance between samples of a prompt
     python evaluate.py tradeoff --ckpt runs/miro --reward sharpness    # sweep one reward's positive target
     python evaluate.py tts --ckpt runs/miro --baseline runs/baseline --select-by alignment   # best-of-N
+    python evaluate.py usage --ckpt runs/miro                    # does the model use each reward, and its caption?
     python evaluate.py convergence [--quick]                     # train baseline + MIRO and compare along the way
     torchrun --nproc_per_node=4 evaluate.py geneval ...          # sampling subcommands shard over ranks
 
@@ -668,6 +669,80 @@ def cmd_tts(args, ctx):
                                                     for lab, c in results.items()}}
 
 
+def condition_usage(model, encode_text, images, captions, reward_values, names, time_sampling="logit_normal",
+                    batch_size=256, seed=0) -> dict:
+    """Does a model use its conditions? Permutation importance on the training objective: the flow-matching loss on
+    (image, caption, rewards) samples, and how much it rises when one input is shuffled across the samples (each
+    reward's values in turn, then the captions), which cuts that input's link to its image and keeps its
+    distribution. Every variant sees the same t, noise and shuffle, so a difference is the shuffled input's alone;
+    ~0 means the model ignores that input. images (N, C, H, W) in [-1, 1] on the model's device; reward_values
+    (N, R) in [0, 1] (R = len(names), 0 for a baseline); encode_text(captions) -> (text, mask), as sample.py's
+    text encoders. Returns {"loss": L, "increase": {reward name or "caption": L_shuffled / L - 1}}."""
+    n, device = len(images), images.device
+    g = torch.Generator().manual_seed(seed)
+    t = train.sample_timesteps(n, time_sampling, g).to(device)
+    noise = torch.randn(images.shape, generator=g).to(device)
+    shuffle = torch.randperm(n, generator=g)
+    values = torch.as_tensor(reward_values, dtype=torch.float32).to(device)
+
+    @torch.no_grad()
+    def loss(caps, vals):
+        total = 0.0
+        for a in range(0, n, batch_size):
+            s = slice(a, a + batch_size)
+            text, mask = encode_text(caps[s])
+            total += len(images[s]) * train.flow_matching_loss(
+                model, images[s], t[s], noise[s], text=text.to(device), text_mask=mask.to(device),
+                rewards=vals[s] if names else None).item()
+        return total / n
+
+    base = loss(list(captions), values)
+    increase = {}
+    for j, name in enumerate(names):
+        shuffled = values.clone()
+        shuffled[:, j] = values[shuffle.to(device), j]
+        increase[name] = loss(list(captions), shuffled) / base - 1
+    increase["caption"] = loss([captions[i] for i in shuffle.tolist()], values) / base - 1
+    return {"loss": base, "increase": increase}
+
+
+def cmd_usage(args, ctx):
+    """How much the model uses each condition: the rise of its training loss (flow matching, fixed t and noise) on
+    --samples training samples of its built-in world when one input is shuffled across them: each reward's
+    conditioning values (binned with the checkpoint's own bins), then the captions. ~0: the model ignores it."""
+    if ctx.world is None or ctx.vae is not None:
+        raise ValueError("usage reads the built-in world's training images: this run trained on other data "
+                         "(--data) or on VAE latents")
+    data_dir = Path(args.data_dir) if args.data_dir else run_data_dir(ctx.path, ctx.world)
+    samples = data.ImageTextSamples(data_dir)
+    pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
+    pick = pick.sort().values.numpy()
+    keys = [samples.keys[i] for i in pick]
+    values = np.zeros((len(pick), 0), np.float32)
+    if ctx.names:
+        annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
+        bins = rewards.RewardBins.from_dict(ctx.ckpt["bins"])
+        values = bins.values(data.sample_scores(annotations, keys, ctx.names))
+    images = (samples.images_01(pick) * 2 - 1).to(args.device)
+    result = condition_usage(ctx.model, ctx.text_encoder, images, [samples.captions[i] for i in pick], values,
+                             ctx.names, ctx.ckpt["train"]["time_sampling"], args.batch_size, args.seed)
+    log(f"training loss on {len(pick)} samples of {data_dir}: {result['loss']:.5f}; rise when shuffled:")
+    for name, rise in result["increase"].items():
+        log(f"{name:>14}: {100 * rise:+.2f}%")
+    return {**result, "samples": len(pick), "data_dir": str(data_dir)}
+
+
+def run_data_dir(ckpt_path: Path, world: data.WorldConfig) -> Path:
+    """The data folder a built-in run trained on: its config.json's data_dir, else the world's default folder."""
+    config = ckpt_path.parent / "config.json"
+    if config.is_file():
+        try:
+            return Path(json.loads(config.read_text())["data_dir"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return world.default_dir()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The headline experiment: baseline vs MIRO (and ablations) trained and evaluated on the built-in benchmark.
 
@@ -894,6 +969,7 @@ def parse_args(argv=None):
                 "diversity": "mean pairwise distance between the samples of each prompt",
                 "tradeoff": "sweep one reward's positive target, or the guidance weight, and report every metric",
                 "tts": "best-of-N test-time scaling, MIRO vs the baseline",
+                "usage": "how much the model uses each reward and the caption (loss rise when shuffled)",
                 "convergence": "train the baseline and MIRO (and ablations), curves, speedups and a table"}
     for name, help_ in commands.items():
         doc = globals()[f"cmd_{name}"].__doc__.replace("%", "%%")  # argparse formats help strings with %
@@ -951,8 +1027,12 @@ def parse_args(argv=None):
             s.add_argument("--baseline", default=None, help="baseline checkpoint or run folder to compare with")
             s.add_argument("--select-by", default="alignment", help="the reward that picks the best of N")
             s.add_argument("--max-n", type=int, default=32, help="largest N (powers of two up to it)")
+        if name == "usage":
+            s.add_argument("--samples", type=int, default=2000, help="training samples the loss is measured on")
+            s.add_argument("--data-dir", default=None,
+                           help="the run's built-in data folder (default: the one in its config.json)")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every"):
+    for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every", "samples"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0")
     if args.cfg is not None and args.cfg < 0:

@@ -506,8 +506,7 @@ def main(argv=None):
         if unscored:  # a registry reward beyond the built-in ones (e.g. a learned one) is annotated separately
             parser.error(f"no {', '.join(unscored)} scores in {data_dir / 'annotations.jsonl'}: add them with "
                          f"python rewards.py annotate --data-dir {data_dir} --rewards {','.join(unscored)} ...")
-        scores = {name: [annotations.get(key, {}).get(name, float("nan")) for key in samples.keys]
-                  for name in model_cfg.reward_names}  # a missing score is NaN, which the binner maps to 0
+        scores = data.sample_scores(annotations, samples.keys, model_cfg.reward_names)
         if resume_ckpt is not None:  # the run keeps its bin edges, so sampling targets keep their meaning
             bins = rewards.RewardBins.from_dict(resume_ckpt["bins"])
             differ = bins_mismatch(bins, data_dir / "bins.json")

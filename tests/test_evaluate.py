@@ -177,6 +177,48 @@ def test_tradeoff_sweeps_the_guidance_weight_of_any_checkpoint(tiny_runs, tmp_pa
     assert res.returncode == 2 and "guidance weights must be >= 0" in res.stderr and "Traceback" not in res.stderr
 
 
+class ReadsRewardAndCaption(torch.nn.Module):
+    """A velocity model that uses reward 0 and the caption (a number), ignores reward 1, x and t: its prediction is
+    exact for images made as below, so shuffling what it uses must raise the loss and nothing else may."""
+
+    def forward(self, x, t, text, text_mask=None, rewards=None):
+        return (rewards[:, 0] + text[:, 0]).view(-1, 1, 1, 1).expand_as(x)
+
+
+def test_condition_usage_is_the_loss_rise_of_each_shuffled_input():
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    values = torch.rand(n, 2, generator=g)
+    numbers = torch.rand(n, generator=g)
+    images = -(values[:, 0] + numbers).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()  # target = noise - x0
+
+    def encode(captions):
+        return torch.tensor([[float(c)] for c in captions]), torch.ones(len(captions), 1, dtype=torch.bool)
+
+    captions = [f"{v:.8f}" for v in numbers.tolist()]
+    usage = evaluate.condition_usage(ReadsRewardAndCaption(), encode, images, captions, values, ["used", "unused"],
+                                     batch_size=24)
+    assert usage["loss"] == pytest.approx(1, abs=0.1)  # the noise's variance: the prediction is exact but for it
+    assert usage["increase"]["unused"] == 0
+    assert usage["increase"]["used"] > 0.1 and usage["increase"]["caption"] > 0.1
+    same_caption = evaluate.condition_usage(ReadsRewardAndCaption(), encode, images, ["0.5"] * n, values,
+                                            ["used", "unused"])
+    assert same_caption["increase"]["caption"] == 0  # shuffling identical captions changes nothing
+
+
+def test_usage_on_trained_runs(tiny_runs, tmp_path):
+    for run, inputs in (("miro", {"alignment", "sharpness", "cleanliness", "contrast", "caption"}),
+                        ("baseline", {"caption"})):
+        res = run_eval("usage", "--ckpt", str(tiny_runs / run), "--samples", "16", "--out", str(tmp_path / run))
+        assert res.returncode == 0, res.stderr[-2000:]
+        out = json.loads((tmp_path / run / "usage.json").read_text())
+        assert set(out["increase"]) == inputs and out["samples"] == 16 and out["loss"] > 0
+        assert all(abs(v) < 10 for v in out["increase"].values())
+    res = run_eval("usage", "--ckpt", str(tiny_runs / "miro"), "--data-dir", str(tmp_path / "nowhere"),
+                   "--out", str(tmp_path))
+    assert res.returncode == 2 and "No such file" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["geneval", "--ckpt", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     (["rewards", "--reward-option", "aesthetic-head=x"], "expected NAME.KEY=VALUE"),
