@@ -368,9 +368,10 @@ class Judges:
 
 @torch.no_grad()
 def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
-                     batch_size=64, on_images=None, vae=None) -> list[dict]:
+                     batch_size=64, on_images=None, vae=None, neg_prompt=None) -> list[dict]:
     """Generate and judge this rank's share of `items` (image i with its own noise seed), then gather: returns
-    one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch."""
+    one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch.
+    neg_prompt: the negative branch's caption for every image (None: sample.generate's default)."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(items), world_size))
     local = {}
@@ -380,8 +381,8 @@ def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50
         n = len(idx)
         images = generate(model, text_encoder, [it["prompt"] for it in batch],
                           None if pos is None else pos.expand(n, -1), None if neg is None else neg.expand(n, -1),
-                          cfg=cfg, steps=steps, device=device, batch_size=batch_size,
-                          seeds=[seed * SEED_STRIDE + i for i in idx], vae=vae)
+                          None if neg_prompt is None else [neg_prompt] * n, cfg=cfg, steps=steps, device=device,
+                          batch_size=batch_size, seeds=[seed * SEED_STRIDE + i for i in idx], vae=vae)
         if on_images is not None:
             on_images(idx, images)
         local.update(zip(idx, judges((images + 1) / 2, batch)))
@@ -557,7 +558,8 @@ class Context:
         pos = self.pos if pos is None else pos
         return sample_and_judge(self.model, self.text_encoder, items, pos, self.neg,
                                 self.cfg if cfg is None else cfg, judges, steps=a.steps, seed=a.seed, device=a.device,
-                                batch_size=a.batch_size, on_images=on_images, vae=self.vae)
+                                batch_size=a.batch_size, on_images=on_images, vae=self.vae,
+                                neg_prompt=getattr(a, "neg_prompt", None))  # convergence: the default
 
 
 def cmd_geneval(args, ctx):
@@ -1012,6 +1014,9 @@ def parse_args(argv=None):
                            help="training runs and evaluations at a time (1 torch thread each)")
             continue
         s.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: the latest runs/*/ckpt.pt)")
+        s.add_argument("--neg-prompt", default=None,
+                       help="caption of MIRO's negative branch (default: the prompt itself, the paper's formula; "
+                            "'' for the empty prompt, the authors' release option)")
         s.add_argument("--prompts", default="heldout",
                        help="'heldout' (the built-in world's held-out prompts) or a .jsonl (GenEval metadata), .tsv "
                             "(PartiPrompts) or .txt prompt file")

@@ -177,6 +177,22 @@ def test_tradeoff_sweeps_the_guidance_weight_of_any_checkpoint(tiny_runs, tmp_pa
     assert res.returncode == 2 and "guidance weights must be >= 0" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_neg_prompt_reaches_the_negative_branch(tiny_runs, tmp_path):
+    """--neg-prompt '' is the baseline's default negative (same numbers) and changes MIRO's (its default is the
+    prompt itself)."""
+    few = ["--n-per-prompt", "1", "--steps", "2", "--min-per-task", "0", "--judge-rewards", "contrast"]
+    rewards = {}
+    for run in ("baseline", "miro"):
+        for neg in (None, ""):
+            out = tmp_path / f"{run}{neg is None}"
+            res = run_eval("rewards", "--ckpt", str(tiny_runs / run), *few, "--out", str(out),
+                           *([] if neg is None else ["--neg-prompt", neg]))
+            assert res.returncode == 0, res.stderr[-2000:]
+            rewards[run, neg] = json.loads((out / "rewards.json").read_text())["rewards"]["contrast"]["mean"]
+    assert rewards["baseline", None] == rewards["baseline", ""]
+    assert rewards["miro", None] != rewards["miro", ""]
+
+
 class ReadsRewardAndCaption(torch.nn.Module):
     """A velocity model that uses reward 0 and the caption (a number), ignores reward 1, x and t: its prediction is
     exact for images made as below, so shuffling what it uses must raise the loss and nothing else may."""
