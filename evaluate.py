@@ -559,7 +559,7 @@ class Context:
         return sample_and_judge(self.model, self.text_encoder, items, pos, self.neg,
                                 self.cfg if cfg is None else cfg, judges, steps=a.steps, seed=a.seed, device=a.device,
                                 batch_size=a.batch_size, on_images=on_images, vae=self.vae,
-                                neg_prompt=getattr(a, "neg_prompt", None))  # convergence: the default
+                                neg_prompt=getattr(a, "neg_prompt", None))  # convergence has none
 
 
 def cmd_geneval(args, ctx):
@@ -708,6 +708,17 @@ def condition_usage(model, encode_text, images, captions, reward_values, names, 
     return {"loss": base, "increase": increase}
 
 
+def run_data_dir(ckpt_path: Path, world: data.WorldConfig) -> Path:
+    """The data folder a built-in run trained on: its config.json's data_dir, else the world's default folder."""
+    config = ckpt_path.parent / "config.json"
+    if config.is_file():
+        try:
+            return Path(json.loads(config.read_text())["data_dir"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return world.default_dir()
+
+
 def cmd_usage(args, ctx):
     """How much the model uses each condition: the rise of its training loss (flow matching, fixed t and noise) on
     --samples training samples of its built-in world when one input is shuffled across them: each reward's
@@ -732,17 +743,6 @@ def cmd_usage(args, ctx):
     for name, rise in result["increase"].items():
         log(f"{name:>14}: {100 * rise:+.2f}%")
     return {**result, "samples": len(pick), "data_dir": str(data_dir)}
-
-
-def run_data_dir(ckpt_path: Path, world: data.WorldConfig) -> Path:
-    """The data folder a built-in run trained on: its config.json's data_dir, else the world's default folder."""
-    config = ckpt_path.parent / "config.json"
-    if config.is_file():
-        try:
-            return Path(json.loads(config.read_text())["data_dir"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    return world.default_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------------

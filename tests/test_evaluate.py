@@ -240,6 +240,7 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["rewards", "--reward-option", "aesthetic-head=x"], "expected NAME.KEY=VALUE"),
     (["geneval", "--steps", "0"], "--steps must be > 0"),
     (["geneval", "--cfg", "-1"], "--cfg must be >= 0"),
+    (["usage", "--samples", "0"], "--samples must be > 0"),
     (["convergence", "--condition", "sharpness", "--tuned-target", "contrast=0.6"],
      "--tuned-target: unknown reward 'contrast'; --condition supports: sharpness"),
 ])
