@@ -973,13 +973,21 @@ def parse_args(argv=None):
                 "tts": "best-of-N test-time scaling, MIRO vs the baseline",
                 "usage": "how much the model uses each reward and the caption (loss rise when shuffled)",
                 "convergence": "train the baseline and MIRO (and ablations), curves, speedups and a table"}
+    ckpt_help = "checkpoint or run folder (default: the latest runs/*/ckpt.pt)"
     for name, help_ in commands.items():
         doc = globals()[f"cmd_{name}"].__doc__.replace("%", "%%")  # argparse formats help strings with %
         s = sub.add_parser(name, help=help_, description=doc)
         s.add_argument("--out", default=None, help="output folder (default: RUN/eval, or runs/convergence)")
         s.add_argument("--seed", type=int, default=0, help="noise seed (training seed for convergence)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-        s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
+        s.add_argument("--batch-size", type=int, default=64, help="images per batch")
+        if name == "usage":  # no sampling, no judges: a checkpoint and its training data
+            s.add_argument("--ckpt", default=None, help=ckpt_help)
+            s.add_argument("--samples", type=int, default=2000, help="training samples the loss is measured on")
+            s.add_argument("--data-dir", default=None,
+                           help="the run's built-in data folder (default: the one in its config.json)")
+            s.set_defaults(reward_option=[], detector_option=[], judge_rewards="", cfg=None, rewards="")
+            continue
         s.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="an option for a judge reward, e.g. aesthetic.head=PATH (repeatable)")
         s.add_argument("--detector", default="shapes", choices=["shapes", "mask2former"],
@@ -1013,7 +1021,7 @@ def parse_args(argv=None):
             s.add_argument("--jobs", type=int, default=2,
                            help="training runs and evaluations at a time (1 torch thread each)")
             continue
-        s.add_argument("--ckpt", default=None, help="checkpoint or run folder (default: the latest runs/*/ckpt.pt)")
+        s.add_argument("--ckpt", default=None, help=ckpt_help)
         s.add_argument("--neg-prompt", default=None,
                        help="caption of MIRO's negative branch (default: the prompt itself, the paper's formula; "
                             "'' for the empty prompt, the authors' release option)")
@@ -1032,10 +1040,6 @@ def parse_args(argv=None):
             s.add_argument("--baseline", default=None, help="baseline checkpoint or run folder to compare with")
             s.add_argument("--select-by", default="alignment", help="the reward that picks the best of N")
             s.add_argument("--max-n", type=int, default=32, help="largest N (powers of two up to it)")
-        if name == "usage":
-            s.add_argument("--samples", type=int, default=2000, help="training samples the loss is measured on")
-            s.add_argument("--data-dir", default=None,
-                           help="the run's built-in data folder (default: the one in its config.json)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every", "samples"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
