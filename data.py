@@ -38,11 +38,12 @@ Keys: a "key" field (.json, manifest column) wins; otherwise the image's path re
 without extension, or the tar member name without extension. Captions: UTF-8 with invalid bytes replaced by U+FFFD
 (a stray byte does not lose the sample), whitespace stripped, an empty optional caption counts as absent.
 Skips: a sample that cannot be used is still yielded as a Record with image None and `error` one of SKIP_REASONS:
-"no_caption" (missing / empty caption), "unreadable" (zero bytes, truncated, not an image), "too_small" (shorter side
-< min_size), "too_large" (more than max_pixels pixels: the decompression-bomb guard, read from the header before any
-decoding), "duplicate" (a key seen before: the first occurrence wins; folders and manifests check the whole
-dataset, a webdataset stream checks what one consumer reads, so keys must be unique across shards as img2dataset
-makes them). Each source counts its outcomes in `source.stats` ({"ok": n, reason: n, ...}, this process only).
+"no_caption" (missing / empty caption), "missing" (no such image file), "unreadable" (zero bytes, truncated, not an
+image), "too_small" (shorter side < min_size), "too_large" (more than max_pixels pixels: the decompression-bomb
+guard, read from the header before any decoding), "duplicate" (a key seen before: the first occurrence wins; folders
+and manifests check the whole dataset, a webdataset stream checks what one consumer reads, so keys must be unique
+across shards as img2dataset makes them). Each source counts its outcomes in `source.stats` ({"ok": n, reason: n,
+...}, this process only).
 """
 import argparse
 import colorsys
@@ -531,8 +532,11 @@ class ImageTextSamples:
     def __init__(self, path=None):
         path = Path(path) if path is not None else WorldConfig().default_dir()
         with open(path / "samples.jsonl") as f:
-            self.records = [json.loads(line) for line in f]
-        self.images = np.load(path / "images.npy", mmap_mode="r")
+            self.records = [_json_line(line, path / "samples.jsonl", n) for n, line in enumerate(f, 1) if line.strip()]
+        try:
+            self.images = np.load(path / "images.npy", mmap_mode="r")
+        except ValueError as e:  # a truncated or foreign file
+            raise ValueError(f"{path / 'images.npy'}: not a complete image array ({e}); rebuild the dataset") from e
         if len(self.images) != len(self.records):
             raise ValueError(f"{path}: {len(self.images)} images but {len(self.records)} records")
         self.keys = [r["key"] for r in self.records]
@@ -568,6 +572,7 @@ class ShapesSource:
 
     def __init__(self, path):
         self.samples = ImageTextSamples(path)
+        self.stats = {"ok": 0}  # every built sample is usable
 
     def __len__(self):
         return len(self.samples)
@@ -576,6 +581,7 @@ class ShapesSource:
                      seed=None):
         """Records of this consumer's samples (`consumer_indices`): in order, or shuffled by `seed`."""
         for i in consumer_indices(len(self.samples), rank, world_size, worker_id, num_workers, seed):
+            self.stats["ok"] += 1
             yield Record(self.samples.keys[i], Image.fromarray(np.asarray(self.samples.images[i])),
                          {"caption": self.samples.captions[i]})
 
@@ -603,7 +609,7 @@ def _consumer(rank: int, world_size: int, worker_id: int, num_workers: int) -> t
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SYNTHETIC = "synthetic_caption"  # the caption field of the paper's synthetic (re-)captions
 CAPTION_FIELDS = ("caption", "short_caption", SYNTHETIC)
-SKIP_REASONS = ("no_caption", "unreadable", "too_small", "too_large", "duplicate")
+SKIP_REASONS = ("no_caption", "missing", "unreadable", "too_small", "too_large", "duplicate")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold (~89M pixels); Pillow itself refuses 2x
 
 
@@ -624,7 +630,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(file, min_size: int = 0, max_pixels: int = MAX_PIXELS) -> tuple["Image.Image | None", str | None]:
     """Decode an image (path or binary file object) to RGB with its EXIF orientation applied: (image, None), or
     (None, reason) with reason "too_large" (more than max_pixels pixels, judged from the header before decoding),
-    "too_small" (shorter side < min_size) or "unreadable" (empty, truncated, not an image)."""
+    "too_small" (shorter side < min_size), "missing" (no such file) or "unreadable" (empty, truncated, not an image)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, not a warning
@@ -638,6 +644,8 @@ def load_image(file, min_size: int = 0, max_pixels: int = MAX_PIXELS) -> tuple["
                 return to_rgb(image), None
     except Image.DecompressionBombError:  # Pillow's own hard limit (2x its threshold), raised by Image.open
         return None, "too_large"
+    except FileNotFoundError:  # told apart: a manifest with a wrong base folder misses every file
+        return None, "missing"
     except Exception:  # corrupt data makes Pillow raise OSError, SyntaxError, ValueError, EOFError, zlib errors...
         return None, "unreadable"
 
@@ -726,7 +734,7 @@ class IndexedSource(RealSource):
 
     @classmethod
     def from_manifest(cls, path: Path, **screening) -> "IndexedSource":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
             if path.suffix.lower() == ".csv":
                 rows = list(csv.DictReader(f))
             else:

@@ -299,6 +299,13 @@ def test_build_dataset_and_views(tmp_path):
 
     data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # changed config: rebuilt
     assert len(data.ImageTextSamples(out)) == 12
+    assert data.inspect(out) == {"ok": 12}  # the built-in folder is a record source like any other
+    with open(out / "samples.jsonl", "a") as f:
+        f.write("\n")  # a trailing blank line (an editor's) is not a record
+    assert len(data.ImageTextSamples(out)) == 12
+    (out / "images.npy").write_bytes((out / "images.npy").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="images.npy: not a complete image array"):
+        data.ImageTextSamples(out)
 
 
 def test_sharded_sampler_disjoint_covering_and_resume():

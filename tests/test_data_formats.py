@@ -247,6 +247,13 @@ def test_default_keys_and_bad_input_errors(tmp_path, samples):
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         data.open_dataset(tmp_path / "bad.jsonl")
     (tmp_path / "noimage.jsonl").write_text('{"caption": "x"}\n')
+    bom = tmp_path / "bom" / "excel.csv"  # Excel writes a byte-order mark before the header
+    write_manifest([{**s, "meta": {}} for s in good], bom)
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    assert [r.error for r in data.open_dataset(bom).iter_records()] == [None] * 3
+    (bom.parent / f"images/{good[0]['name']}.{good[0]['ext']}").unlink()  # a file the manifest names is gone
+    source = data.open_dataset(bom)
+    assert [r.error for r in source.iter_records()] == ["missing", None, None] and source.stats["missing"] == 1
     with pytest.raises(ValueError, match="no image path"):
         data.open_dataset(tmp_path / "noimage.jsonl")
     with pytest.raises(FileNotFoundError, match="shard"):
