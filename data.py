@@ -22,8 +22,12 @@ Conventions (shared by the whole repo):
 - Held-out compositions: per task every composition (its include clauses, up to order: "a circle and a square"
   is "a square and a circle", "A left of B" is "B right of A") is enumerated and a seeded share is held out,
   at least one and at most all but one per task. With three shapes the single_object and two_object spaces have
-  only 3 compositions each, so exactly 1 of 3 is held out there. Training samples never show a held-out
-  composition, neither in the image nor in the (possibly wrong) caption; `heldout_prompts` lists them.
+  only 3 compositions each, so exactly 1 of 3 is held out there. No training caption (right or wrong) and no
+  training sample's truth is a held-out composition; `heldout_prompts` lists them. What is held out is the
+  caption, not every image of its content: details a caption leaves open are drawn at random, so an image
+  captioned "a triangle left of a square" may be drawn orange and blue and show the held-out "an orange triangle
+  left of a blue square" (with seed 0, some training image of the same task shows 7 of the 8 position and 5 of the
+  8 counting evaluation prompts), and other tasks' images hold single objects and pairs.
 
 Real image-text datasets (`open_dataset(path)` detects the format; every one is a stream of `Record`s):
 - "folder": a folder of images (.jpg/.jpeg/.png/.webp, searched recursively), each with a same-name .txt caption
@@ -248,7 +252,7 @@ def _mirror(meta: dict) -> dict:
 
 
 def heldout_prompts(cfg: WorldConfig) -> list[dict]:
-    """Up to cfg.heldout_prompts_per_task held-out GenEval metadata dicts per task (never seen in training)."""
+    """Up to cfg.heldout_prompts_per_task held-out GenEval metadata dicts per task (never a training caption)."""
     held = _heldout(cfg.seed, cfg.heldout_fraction)
     return [json.loads(json.dumps(m)) for tag in TASKS for m in held[tag][:cfg.heldout_prompts_per_task]]
 
