@@ -574,8 +574,10 @@ class ShapesSource:
     """The built-in dataset folder (ImageTextSamples layout) as a record source."""
     format = "shapes"
 
-    def __init__(self, path):
-        self.samples = ImageTextSamples(path)
+    def __init__(self, path_or_samples):
+        """A folder path, or an ImageTextSamples already open (as train.py has the built-in world)."""
+        self.samples = (path_or_samples if isinstance(path_or_samples, ImageTextSamples)
+                        else ImageTextSamples(path_or_samples))
         self.stats = {"ok": 0}  # every built sample is usable
 
     def __len__(self):

@@ -1742,9 +1742,7 @@ def _as_source(source):
     if isinstance(source, (str, os.PathLike)):
         return data.open_dataset(source)
     if isinstance(source, data.ImageTextSamples):
-        shapes = data.ShapesSource.__new__(data.ShapesSource)
-        shapes.samples = source
-        return shapes
+        return data.ShapesSource(source)
     return source
 
 

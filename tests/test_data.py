@@ -300,6 +300,10 @@ def test_build_dataset_and_views(tmp_path):
     data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # changed config: rebuilt
     assert len(data.ImageTextSamples(out)) == 12
     assert data.inspect(out) == {"ok": 12}  # the built-in folder is a record source like any other
+    import rewards  # train.py hands its open world to annotate, which wraps it without reading the folder again
+    table = rewards.annotate(data.ImageTextSamples(out), ["contrast"], tmp_path / "ann", verbose=False)
+    assert sorted(table) == sorted(data.ImageTextSamples(out).keys)
+    assert all(0 <= row["contrast"] <= 1 for row in table.values())
     with open(out / "samples.jsonl", "a") as f:
         f.write("\n")  # a trailing blank line (an editor's) is not a record
     assert len(data.ImageTextSamples(out)) == 12
