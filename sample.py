@@ -96,7 +96,7 @@ def parse_reward_targets(spec, reward_names, default, owner="this checkpoint"):
 
     Raises ValueError with a one-line message for unknown names, malformed items or values outside [0, 1].
     """
-    targets = torch.full((len(reward_names),), float(default))
+    targets, named = torch.full((len(reward_names),), float(default)), set()
     if not spec:
         return targets
     if not reward_names:
@@ -108,6 +108,9 @@ def parse_reward_targets(spec, reward_names, default, owner="this checkpoint"):
             raise ValueError(f"reward target {item!r} is not of the form name=value")
         if name not in reward_names:
             raise ValueError(f"unknown reward {name!r}; {owner} supports: {', '.join(reward_names)}")
+        if name in named:
+            raise ValueError(f"reward {name!r} has two targets in {spec!r}")
+        named.add(name)
         try:
             target = float(value)
         except ValueError:
@@ -187,7 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--rewards", default="", help="positive targets 'name=value,...' in [0,1]; unnamed rewards: 1")
     p.add_argument("--neg-rewards", default="", help="negative targets 'name=value,...' in [0,1]; unnamed: 0")
     p.add_argument("--neg-prompt", default=None,
-                   help="caption of the negative branch (default: the prompt itself; '' for an empty prompt)")
+                   help="caption of the negative branch (default: the prompt itself for MIRO, the empty prompt "
+                        "for a baseline; '' for an empty prompt)")
     p.add_argument("--cfg", type=float, default=None, help="guidance weight w >= 0 (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
@@ -204,8 +208,8 @@ def parse_args(argv=None):
         p.error("--n must be > 0")
     if args.best_of <= 0:
         p.error("--best-of must be > 0")
-    if args.cfg is not None and args.cfg < 0:
-        p.error("--cfg must be >= 0")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        p.error("--cfg must be >= 0 and finite")
     if args.best_of > 1 and not args.select_by:
         p.error("--best-of needs --select-by REWARD")
     if args.prompts_file:
@@ -254,6 +258,8 @@ def main(argv=None):
         save_grid(images, out, ncols=args.n)
         single_dir = out.with_suffix("")
         single_dir.mkdir(parents=True, exist_ok=True)
+        for stale in single_dir.glob("[0-9][0-9][0-9][0-9].png"):  # an earlier, larger call's images
+            stale.unlink()
         for i, pixels in enumerate(to_uint8(images)):
             Image.fromarray(pixels).save(single_dir / f"{i:04d}.png")
     except OSError as e:

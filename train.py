@@ -16,8 +16,9 @@ EMA weights. The global batch is split evenly over ranks (and gradient-accumulat
 A run folder holds config.json (every setting), log.txt, samples/step_*.png and ckpt.pt (model, EMA, optimizer,
 scheduler, step, bin edges, tokenizer), written atomically by rank 0 alone. The step's random numbers
 (timesteps, noise, dropout) are drawn for the whole global batch from a generator seeded by (seed, step), and each
-rank takes the rows of its own samples: the result does not depend on the number of ranks, on gradient
-accumulation or on where a run was resumed (tests/test_reliability.py checks all three).
+rank takes the rows of its own samples: on the built-in data the result does not depend on the number of ranks, on
+gradient accumulation or on where a run was resumed (tests/test_reliability.py checks all three); a streamed --data
+run shards records per rank and draws fresh permutations on resume (data.stream_batches).
 """
 import argparse
 import contextlib
@@ -163,18 +164,21 @@ def mfu_percent(model, images_per_s, peak):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring for launch lines.")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model + optimisation preset")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model + optimisation preset (default cpu)")
     p.add_argument("--name", default=None, help="run name under --runs-dir (default: miro, or baseline)")
     p.add_argument("--runs-dir", default="runs", help="folder holding the run folders")
-    p.add_argument("--resume", default=None, help="run folder (or ckpt.pt) to continue")
+    p.add_argument("--resume", default=None,
+                   help="run folder (or ckpt.pt) to continue as it was trained (its preset, rewards, seed, data and "
+                        "optimisation settings); flags may change only --steps and the logging / checkpoint / "
+                        "preview / NaN bookkeeping")
     p.add_argument("--no-rewards", action="store_true", help="train the baseline: same network, no reward tokens")
     p.add_argument("--rewards", default=None,
                    help="comma-separated rewards to condition on (default: the seven of the paper for --preset "
                         "paper, every built-in reward otherwise); names are annotation columns")
     p.add_argument("--data-dir", default=None,
                    help="built-in dataset folder (default: runs/_data/shapes<size>_n<N>_seed<S>; built if missing)")
-    p.add_argument("--num-train", type=int, default=20000, help="size of the built-in training set")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in world")
+    p.add_argument("--num-train", type=int, default=None, help="size of the built-in training set (default 20000)")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the built-in world (default 0)")
     p.add_argument("--data", default=None,
                    help="train on a real dataset instead of the built-in world: an image folder, a .jsonl/.csv "
                         "manifest, a folder of WebDataset .tar shards or a pattern like 'shards/{00000..00099}.tar' "
@@ -198,7 +202,7 @@ def parse_args(argv=None):
                    help="a latent cache of --data (OUT/latents, same VAE and image size) read instead of encoding")
     p.add_argument("--num-bins", type=int, default=64, help="reward bins B (value k/(B-1))")
     p.add_argument("--binning", default="quantile", choices=["quantile", "uniform"], help="bin edges")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, noise and data order (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (float32 weights and optimizer); default bf16 on CUDA, fp32 on CPU")
@@ -210,16 +214,16 @@ def parse_args(argv=None):
         p.add_argument(flag, type=field.type, default=None,
                        help=f"override the preset's {field.name} (cpu preset: {getattr(TRAIN_PRESETS['cpu'], field.name)})")
     args = p.parse_args(argv)
-    train_cfg = dataclasses.replace(TRAIN_PRESETS[args.preset],
-                                    **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                                       if getattr(args, f.name) is not None})
+    args.given_train = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                        if getattr(args, f.name) is not None}  # what --resume checks against the run
+    train_cfg = dataclasses.replace(TRAIN_PRESETS[args.preset or NEW_RUN["preset"]], **args.given_train)
     checks = [(train_cfg.steps > 0, "--steps must be > 0"), (train_cfg.batch_size > 0, "--batch-size must be > 0"),
               (train_cfg.grad_accum > 0, "--grad-accum must be > 0"), (train_cfg.lr > 0, "--lr must be > 0"),
               (0 <= train_cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
               (0 <= train_cfg.text_dropout < 1, "--text-dropout must be in [0, 1)"),
               (0 <= train_cfg.reward_dropout < 1, "--reward-dropout must be in [0, 1)"),
-              (train_cfg.cfg >= 0, "--cfg must be >= 0"), (args.num_bins >= 2, "--num-bins must be >= 2"),
-              (args.num_train > 0, "--num-train must be > 0"),
+              (math.isfinite(train_cfg.cfg) and train_cfg.cfg >= 0, "--cfg must be >= 0 and finite"), (args.num_bins >= 2, "--num-bins must be >= 2"),
+              (args.num_train is None or args.num_train > 0, "--num-train must be > 0"),
               (0 <= args.synthetic_caption_prob <= 1, "--synthetic-caption-prob must be in [0, 1]"),
               (args.min_image_size >= 0, "--min-image-size must be >= 0"),
               (args.data_workers >= 0, "--data-workers must be >= 0"),
@@ -234,7 +238,8 @@ def parse_args(argv=None):
               (train_cfg.on_nan in ("stop", "skip"), "--on-nan: stop or skip"),
               (train_cfg.max_nan_skips >= 0, "--max-nan-skips must be >= 0")]
     try:
-        torch.device(args.device)
+        checks.append((torch.device(args.device).type != "cuda" or torch.cuda.is_available(),
+                       f"--device {args.device}: no CUDA GPU is visible"))
     except RuntimeError as e:
         checks.append((False, f"--device: {e}"))
     for ok, message in checks:
@@ -246,9 +251,15 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.text_cache and args.text_encoder == "builtin" or args.latent_cache and args.vae == "none":
         p.error("--text-cache needs --text-encoder t5|clip, and --latent-cache needs --vae sdxl (the cached encoder)")
+    if args.resume:  # the run's own settings fill what is not given (resumed_settings, once the run is open)
+        return p, args, train_cfg
+    for name, default in NEW_RUN.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     if args.rewards is None:
         args.rewards = ",".join(PRESETS["paper"].reward_names if args.preset == "paper" else rewards.BUILTIN_REWARDS)
     args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
+    if len(set(args.reward_names)) < len(args.reward_names):
+        p.error(f"--rewards names a reward twice: {args.rewards}")
     unknown = [r for r in args.reward_names if r not in rewards.REWARDS]
     if unknown and args.data is None:  # --data: checked against the annotation columns instead
         p.error(f"unknown reward(s) {', '.join(unknown)}; the built-in data is annotated with "
@@ -259,6 +270,44 @@ def parse_args(argv=None):
         train_cfg.text_dropout = 0.1  # the baseline guides with an empty prompt, so it must see some
     args.name = args.name or ("baseline" if args.no_rewards else "miro")
     return p, args, train_cfg
+
+
+CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins", "train")
+NEW_RUN = {"preset": "cpu", "seed": 0, "num_train": 20000, "data_seed": 0}  # defaults of the run-defining flags
+RESUME_MAY_CHANGE = ("steps", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep_every", "on_nan",
+                     "max_nan_skips", "cfg")  # TrainConfig fields a resumed run takes from the command line
+
+
+def resumed_settings(ckpt, args):
+    """--resume: the TrainConfig and run-defining flags of the run in `ckpt`, as it was trained (args is filled in
+    place). A flag given with --resume may change only RESUME_MAY_CHANGE (the length and the bookkeeping) and
+    --data's path (a moved dataset); one that contradicts the run raises ValueError, so that no resumed run trains
+    on other data, with another seed or schedule than the run it continues."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"not a train.py checkpoint (no {', '.join(missing)})")
+    run = ckpt.get("run") or {**NEW_RUN, **{n: getattr(args, n) for n in NEW_RUN if getattr(args, n) is not None},
+                              "data": args.data, "data_dir": args.data_dir}  # older checkpoints: the flags decide
+    trained = TrainConfig(**ckpt["train"])
+    saved = {**run, "rewards": tuple(ckpt["config"]["reward_names"])}
+    asked = {name: getattr(args, name) for name in NEW_RUN}
+    if args.rewards is not None or args.no_rewards:
+        asked["rewards"] = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
+    if args.data is not None and run["data"] is None:
+        asked["data"] = args.data  # the built-in world's run on a real dataset: a new run
+    conflicts = [f"--{name.replace('_', '-')} {value} (the run's: {getattr(trained, name)})"
+                 for name, value in args.given_train.items()
+                 if name not in RESUME_MAY_CHANGE and value != getattr(trained, name)]
+    show = lambda v: ",".join(v) or "none" if isinstance(v, tuple) else v  # noqa: E731 (reward names)
+    conflicts += [f"--{name.replace('_', '-')} {show(value)} (the run's: {show(saved[name])})"
+                  for name, value in asked.items() if value is not None and value != saved[name]]
+    if conflicts:
+        raise ValueError(f"a resumed run keeps its settings, but {'; '.join(conflicts)}: train a new run instead")
+    for name in NEW_RUN:
+        setattr(args, name, run[name])
+    args.data, args.data_dir = args.data or run["data"], args.data_dir or run["data_dir"]
+    args.reward_names, args.no_rewards = saved["rewards"], not saved["rewards"]
+    return dataclasses.replace(trained, **{n: v for n, v in args.given_train.items() if n in RESUME_MAY_CHANGE})
 
 
 def prepare_real_data(args, image_size, rank, world_size, reward_names, resume_bins):
@@ -366,15 +415,9 @@ def prepare_builtin_data(args, image_size, rank):
     return world, data_dir, data.ImageTextSamples(data_dir)
 
 
-CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins")
-
-
 def resume_config(ckpt, wanted, preset):
     """The model config of a checkpoint to resume, checked against `wanted` (what --preset and --rewards ask
     for); ValueError says what differs and which preset would match (vocab_size is exempt: the tokenizer sets it)."""
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise ValueError(f"not a train.py checkpoint (no {', '.join(missing)})")
     try:
         cfg = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
@@ -429,6 +472,20 @@ def main(argv=None):
         shared = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         threads = os.environ.get("OMP_NUM_THREADS") or shared
         torch.set_num_threads(max(1, int(threads)))
+
+    # --- run folder and resume ---
+    resume_ckpt = None
+    if args.resume:
+        resume_path = Path(args.resume)
+        resume_path = resume_path / "ckpt.pt" if resume_path.is_dir() else resume_path
+        try:
+            resume_ckpt = load_checkpoint(resume_path)
+            tc = resumed_settings(resume_ckpt, args)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            parser.error(f"--resume {resume_path}: {e}")
+        run_dir = resume_path.parent
+    else:
+        run_dir = Path(args.runs_dir) / args.name
     micro_batches = world_size * tc.grad_accum
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
@@ -439,19 +496,6 @@ def main(argv=None):
         kernels_used = kernels.describe(device)  # builds the CUDA kernels once per machine (others wait)
     except (ValueError, RuntimeError) as e:
         parser.error(f"--kernels {args.kernels}: {e}")
-
-    # --- run folder and resume ---
-    resume_ckpt = None
-    if args.resume:
-        resume_path = Path(args.resume)
-        resume_path = resume_path / "ckpt.pt" if resume_path.is_dir() else resume_path
-        try:
-            resume_ckpt = load_checkpoint(resume_path)
-        except (OSError, ValueError, RuntimeError) as e:
-            parser.error(str(e))
-        run_dir = resume_path.parent
-    else:
-        run_dir = Path(args.runs_dir) / args.name
     if resume_ckpt is not None and not args.frozen:  # --resume alone: the run's own frozen parts
         args.frozen = resume_ckpt.get("frozen", {})
     if resume_ckpt is not None and resume_ckpt.get("frozen", {}) != args.frozen:
@@ -577,7 +621,9 @@ def main(argv=None):
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "nan_skipped": nan_skipped,
                  "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
-                 "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen}
+                 "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen,
+                 "run": {**{name: getattr(args, name) for name in NEW_RUN}, "data": args.data,
+                         "data_dir": args.data_dir}}
         # The kept copy first: a kill between the two writes then leaves ckpt.pt one save behind, and the resumed
         # run redoes this step and writes both (the other order would resume past a kept copy never written).
         if tc.keep_every and step % tc.keep_every == 0:
@@ -595,12 +641,14 @@ def main(argv=None):
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", ncols=n)
 
     # --- the loop ---
+    if tc.warmup >= tc.steps:
+        log(f"warning: --warmup {tc.warmup} >= --steps {tc.steps}: the learning rate never reaches its peak")
     log(f"training {tc.steps} steps, global batch {tc.batch_size} = {world_size} ranks x {tc.grad_accum} accum x "
         f"{micro_batch}, {data_summary}, device {device}, bf16 {use_bf16}")
     log(f"kernels: {kernels_used}; compile {args.compile}; {model.flops_per_image() / 1e9:.3g} GFLOP per image forward")
     peak = peak_flops(device)
     train_start, last_log, loss_sum, loss_count = time.time(), time.time(), 0.0, 0
-    step, nan_streak = start_step, 0
+    step, nan_streak, last_log_step = start_step, 0, start_step
     if args.data is None:
         batches = endless_batches(dataset, sampler, step)
     else:
@@ -649,6 +697,7 @@ def main(argv=None):
                 sys.exit(1)
             log(f"step {step}: {what}; skipped ({nan_streak} in a row, {nan_skipped} in all)")
         optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # this step's (logged below)
         scheduler.step()
 
         if step % tc.log_every == 0 or step == tc.steps:
@@ -657,17 +706,18 @@ def main(argv=None):
             if distributed:
                 dist.all_reduce(mean_loss)  # the logged loss is the mean over ranks
                 mean_loss /= world_size
-            images_per_s = tc.log_every * tc.batch_size / (now - last_log)
+            images_per_s = (step - last_log_step) * tc.batch_size / (now - last_log)
             mfu = f"  MFU {mfu_percent(model, images_per_s / world_size, peak):.1f}%" if peak else ""
             log(f"step {step:7d}/{tc.steps}  loss {mean_loss.item():.4f}  grad {grad_norm.item():.3f}  "
-                f"lr {scheduler.get_last_lr()[0]:.2e}  {images_per_s:.0f} img/s{mfu}")
-            last_log, loss_sum, loss_count = now, 0.0, 0
+                f"lr {lr:.2e}  {images_per_s:.0f} img/s{mfu}")
+            last_log, last_log_step, loss_sum, loss_count = now, step, 0.0, 0
         if tc.sample_every and step % tc.sample_every == 0:
             preview(step)
         if step % tc.ckpt_every == 0 or step == tc.steps or (tc.keep_every and step % tc.keep_every == 0):
             checkpoint(step)
 
-    preview(step)
+    if not (tc.sample_every and step % tc.sample_every == 0):  # the last step's preview, unless just made
+        preview(step)
     log(f"done: {step} steps ({nan_skipped} skipped as non-finite) in {(time.time() - train_start) / 60:.1f} min "
         f"of training, {(time.time() - wall_start) / 60:.1f} min wall time in all; checkpoint {run_dir / 'ckpt.pt'}")
     if distributed:

@@ -259,6 +259,8 @@ def test_nan_on_one_rank_stops_every_rank(tiny_runs, tmp_path):
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--text-dropout", "1.5"], "--text-dropout must be in [0, 1)"),
     (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--cfg", "inf"], "--cfg must be >= 0 and finite"),
+    (["--rewards", "alignment,alignment"], "--rewards names a reward twice"),
     (["--num-bins", "1"], "--num-bins must be >= 2"),
     (["--on-nan", "ignore"], "--on-nan: stop or skip"),
     (["--max-nan-skips", "-1"], "--max-nan-skips must be >= 0"),
@@ -266,6 +268,8 @@ def test_nan_on_one_rank_stops_every_rank(tiny_runs, tmp_path):
     (["--rewards", ","], "--rewards is empty"),
     (["--batch-size", "8", "--grad-accum", "3"], "must be divisible by world size x grad accum = 3"),
     (["--device", "abacus"], "--device: "),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     (["--steps", "many"], "invalid int value: 'many'"),
 ])
 def test_train_cli_errors(flags, message, capsys):
@@ -323,14 +327,26 @@ def test_bad_checkpoint_files(tiny_runs, bad_checkpoints, kind, train_message, s
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--preset", "cpu"], "the checkpoint is another model: image_size 16 (--preset cpu: 32)"),
-    (["--preset", "cpu"], "; resume with --preset tiny"),
-    (["--rewards", "alignment"], "the checkpoint conditions on ['alignment', 'sharpness', 'cleanliness', 'contrast'], "
-                                 "not ['alignment']"),
-    (["--no-rewards"], "not []"),
+    (["--preset", "cpu"], "a resumed run keeps its settings, but --preset cpu (the run's: tiny)"),
+    (["--rewards", "alignment"], "--rewards alignment (the run's: alignment,sharpness,cleanliness,contrast)"),
+    (["--no-rewards"], "--rewards none (the run's: alignment,"),
 ])
 def test_resume_with_another_config(tiny_runs, tmp_path, flags, message, capsys):
     line = cli_error(train.main, [*resume_args(tiny_runs, tmp_path / "runs", tiny_runs / "miro"), *flags], capsys)
+    assert message in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "cpu"], "the checkpoint is another model: image_size 16 (--preset cpu: 32)"),
+    (["--preset", "cpu"], "; resume with --preset tiny"),
+])
+def test_resume_an_older_checkpoint_with_another_config(tiny_runs, tmp_path, flags, message, capsys):
+    """A checkpoint without saved run settings (train.py before 2026-12-06): its model config tells the preset."""
+    old = load_checkpoint(tiny_runs / "miro" / "ckpt.pt")
+    del old["run"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    line = cli_error(train.main, [*resume_args(tiny_runs, tmp_path / "runs", tmp_path / "old"), *flags], capsys)
     assert message in line
 
 

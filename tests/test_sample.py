@@ -54,7 +54,8 @@ def test_reward_targets():
     assert parse_reward_targets("sharpness=0.25", names, 1.0).tolist() == [1.0, 0.25, 1.0]
     assert parse_reward_targets("alignment=0, contrast=1", names, 0.0).tolist() == [0.0, 0.0, 1.0]
     for spec, message in [("beauty=1", "unknown reward 'beauty'"), ("alignment=1.5", r"outside \[0, 1\]"),
-                          ("alignment", "name=value"), ("alignment=high", "not a number")]:
+                          ("alignment", "name=value"), ("alignment=high", "not a number"),
+                          ("alignment=1,alignment=0", "two targets")]:
         with pytest.raises(ValueError, match=message):
             parse_reward_targets(spec, names, 1.0)
     with pytest.raises(ValueError, match="without rewards"):
@@ -108,6 +109,8 @@ def test_best_of_n_keeps_the_highest_reward():
 
 def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     out = tmp_path / "grid.png"
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "0007.png").write_bytes(b"")  # an earlier, larger call's: removed, not mixed in
     result = run_sample("--ckpt", str(tiny_runs / "miro"), "--prompt", "a photo of two red circles", "--n", "2",
                         "--steps", "3", "--rewards", "alignment=1", "--best-of", "2", "--select-by", "alignment",
                         "--out", str(out))
@@ -120,6 +123,7 @@ def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     ("miro", ["--rewards", "alignment=2"], "outside [0, 1]"),
     ("miro", ["--neg-rewards", "sharpness=-0.5"], "outside [0, 1]"),
     ("miro", ["--cfg", "-1"], "--cfg must be >= 0"),
+    ("miro", ["--cfg", "nan"], "--cfg must be >= 0 and finite"),
     ("miro", ["--steps", "0"], "--steps must be > 0"),
     ("miro", ["--best-of", "2"], "--best-of needs --select-by"),
     ("miro", ["--best-of", "2", "--select-by", "beauty"], "unknown reward 'beauty'"),

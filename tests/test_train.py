@@ -85,6 +85,31 @@ def test_resume_continues_identically(tiny_runs, tmp_path):
     assert any(not torch.equal(v, final["model"][k]) for k, v in mid["model"].items())  # training moved them
 
 
+def test_resume_alone_continues_the_run_as_trained(tiny_runs, tmp_path, capsys):
+    """A run with non-default seed, rewards and schedule, resumed with --resume alone, ends where the uninterrupted
+    run ends; a flag that contradicts the run is a one-line error; --steps may lengthen it."""
+    flags = tiny_train_args(tmp_path / "runs", "--data-dir", str(tiny_runs.parent / "data"), "--seed", "3",
+                            "--lr", "5e-4", "--rewards", "alignment,contrast", "--text-dropout", "0.2")
+    train.main(flags)
+    straight = load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")
+    resumed = tmp_path / "again"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "runs" / "miro" / "ckpt_0000004.pt", resumed / "ckpt.pt")
+    train.main(["--resume", str(resumed)])
+    again = load_checkpoint(resumed / "ckpt.pt")
+    assert again["step"] == 8 and again["train"] == straight["train"] and again["run"] == straight["run"]
+    for name, value in straight["model"].items():
+        assert torch.equal(value, again["model"][name]), f"{name} differs after resume"
+    for bad, message in [(["--seed", "0"], "--seed 0 (the run's: 3)"), (["--lr", "1e-3"], "--lr 0.001 (the run's: "),
+                         (["--num-train", "96"], "--num-train 96 (the run's: 48)"),
+                         (["--no-rewards"], "--rewards none (the run's: alignment,contrast)")]:
+        with pytest.raises(SystemExit):
+            train.main(["--resume", str(resumed), *bad])
+        assert message in capsys.readouterr().err
+    train.main(["--resume", str(resumed), "--steps", "10", "--log-every", "1"])
+    assert load_checkpoint(resumed / "ckpt.pt")["step"] == 10
+
+
 def test_baseline_has_no_reward_tokens(tiny_runs):
     ckpt = load_checkpoint(tiny_runs / "baseline" / "ckpt.pt")
     assert tuple(ckpt["config"]["reward_names"]) == () and ckpt["bins"] is None
