@@ -87,8 +87,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]  # (B, half)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, D)
+        args = 1000 * t.float()[:, None] * freqs[None]  # (B, half); float32, as t * 1000 needs the precision
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # (B, D); the MLP's dtype, so bf16 weights run too
 
 
 def sincos_pos_embed(grid, dim):
@@ -129,7 +130,7 @@ class RewardEmbedder(nn.Module):
 
     def forward(self, values):
         feats = math.sqrt(2) * torch.cos(values.float()[:, None] * self.freqs + self.phases)  # (B,) -> (B, F)
-        return self.mlp(feats) + self.identity  # (B, D)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype)) + self.identity  # (B, D); MLP's dtype (bf16 weights)
 
 
 class TextEmbedder(nn.Module):
@@ -157,7 +158,7 @@ class TextEmbedder(nn.Module):
 #################################################################################
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension with a learned gain, computed in float32."""
+    """RMSNorm over the last dimension with a learned gain, computed in float32 (float64 stays float64)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -165,7 +166,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)  # half types upcast; float64 kept (gradcheck)
+        return F.rms_norm(x.to(dt), x.shape[-1:], self.weight.to(dt), self.eps).to(x.dtype)
 
 
 def make_norm(dim, rms):
@@ -338,8 +340,20 @@ class MIRO(nn.Module):
         """text: ids Long (B, L) or features float (B, L, text_dim); text_mask (B, L) bool (None = all real);
         rewards (B, R) in [0, 1] (None or (B, 0) for the baseline); drop_rewards (B, R) bool or None.
         Returns (cond (B, M, D), cond_mask (B, M) bool), M = num_registers + R + L."""
-        R = len(self.reward_embedders)
+        R, cfg = len(self.reward_embedders), self.cfg
+        if text.dim() != (3 if text.is_floating_point() else 2):
+            raise ValueError(f"text must be ids (B, L) or float features (B, L, {cfg.text_dim}), got "
+                             f"{text.dtype} {tuple(text.shape)}")
         B, L = text.shape[:2]
+        if text.is_floating_point() and text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text features must have shape (B, L, {cfg.text_dim}), got {tuple(text.shape)}")
+        if not text.is_floating_point() and L > cfg.max_text_len:  # the learned positions stop there
+            raise ValueError(f"text ids must have shape (B, L <= {cfg.max_text_len}), got {tuple(text.shape)}")
+        if text_mask is not None and text_mask.shape != (B, L):
+            raise ValueError(f"text_mask must have shape ({B}, {L}) like the text, got {tuple(text_mask.shape)}")
+        if drop_rewards is not None and (drop_rewards.shape != (B, R) or drop_rewards.dtype != torch.bool):
+            raise ValueError(f"drop_rewards must be bool ({B}, {R}), got {drop_rewards.dtype} "
+                             f"{tuple(drop_rewards.shape)}")
         if rewards is None:
             if R > 0:
                 raise ValueError(f"this model needs rewards for {self.cfg.reward_names}")
@@ -374,6 +388,16 @@ class MIRO(nn.Module):
 
     def denoise(self, x, t, cond, cond_mask):
         """x (B, C, H, W) noisy input at time t (B,), condition from `encode_condition` -> v (B, C, H, W)."""
+        C, S = self.cfg.in_channels, self.cfg.image_size
+        if x.dim() != 4 or x.shape[1:] != (C, S, S):
+            raise ValueError(f"x must have shape (B, {C}, {S}, {S}), got {tuple(x.shape)}")
+        B = x.shape[0]
+        if getattr(t, "shape", None) != (B,):  # also catches a Python float or a 0-d tensor
+            got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"t must be a tensor of shape ({B},), one time per image, got {got}")
+        if cond.shape[0] != B or cond_mask.shape != cond.shape[:2]:
+            raise ValueError(f"cond and cond_mask must be ({B}, M, D) and ({B}, M) from encode_condition, got "
+                             f"{tuple(cond.shape)} and {tuple(cond_mask.shape)}")
         h = self.x_embedder(x)  # (B, N, D)
         c = self.t_embedder(t)  # (B, D)
         for block in self.blocks:
@@ -431,7 +455,7 @@ class ModelConfig:
     patch_size: int = 2
     """Side of the square patch that becomes one token; N = (image_size / patch_size)^2 tokens."""
     width: int = 64
-    """Token width D of the generator and of the condition sequence."""
+    """Token width D of the generator and of the condition sequence (a multiple of 4)."""
     depth: int = 4
     """Number of DiT blocks."""
     num_heads: int = 4
@@ -463,6 +487,8 @@ class ModelConfig:
         self.reward_names = tuple(self.reward_names)  # JSON gives back a list
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.width % 4:  # the 2D sin-cos position embedding uses width / 4 channels per (axis, sin or cos)
+            raise ValueError(f"width {self.width} is not divisible by 4")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
@@ -540,9 +566,13 @@ def model_from_checkpoint(ckpt, ema=True):
         model = MIRO(cfg)
     try:
         model.load_state_dict(ckpt["ema" if ema else "model"], assign=True)
-    except RuntimeError as e:  # missing / unexpected keys or shapes: a weights-config mismatch, in one line
+    except (RuntimeError, TypeError) as e:  # wrong keys or shapes, or no state dict at all (e.g. None), in one line
         raise ValueError(f"checkpoint weights do not fit its config: {' '.join(str(e).split())[:300]}") from e
-    return model.eval(), WordTokenizer.from_state_dict(ckpt["tokenizer"])
+    try:
+        tokenizer = WordTokenizer.from_state_dict(ckpt["tokenizer"])
+    except (KeyError, TypeError, AttributeError) as e:  # an entry missing, not a dict, or words not strings
+        raise ValueError(f"checkpoint has no valid tokenizer (needs words and max_len): {e!r}") from e
+    return model.eval(), tokenizer
 
 
 #################################################################################
@@ -558,8 +588,9 @@ def model_from_checkpoint(ckpt, ema=True):
 # turn it off; the CPU always runs fp32), takes a hub id (downloaded by its library) or a local folder in the same
 # layout, and loads strictly: a missing, unexpected or mis-shaped key is a one-line ValueError.
 
-def _compute_dtype(device, precision):
-    """bf16 on CUDA unless precision="fp32"; fp32 on the CPU (where bf16 is slow and buys nothing)."""
+def _frozen_dtype(device, precision):
+    """The dtype a frozen encoder runs in: bf16 on CUDA unless precision="fp32"; fp32 on the CPU (where bf16 is slow
+    and buys nothing)."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
     return torch.bfloat16 if torch.device(device).type == "cuda" and precision == "bf16" else torch.float32
@@ -585,7 +616,7 @@ class T5TextEncoder:
         _check_loading(source, T5EncoderModel, info)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.device, self.max_length = torch.device(device), int(max_length)
-        self.model = model.to(self.device, _compute_dtype(device, precision)).eval().requires_grad_(False)
+        self.model = model.to(self.device, _frozen_dtype(device, precision)).eval().requires_grad_(False)
         self.dim = model.config.d_model
         self.name = f"t5:{source}"
 
@@ -615,7 +646,7 @@ class CLIPTextEncoder:
         del model.visual  # the image tower is not needed (0.3B parameters for ViT-L/14)
         self.tokenizer = open_clip.get_tokenizer(Path(model_config).stem if model_config else arch)
         self.device = torch.device(device)
-        self.model = model.to(self.device, _compute_dtype(device, precision)).eval().requires_grad_(False)
+        self.model = model.to(self.device, _frozen_dtype(device, precision)).eval().requires_grad_(False)
         self.dim, self.max_length = model.transformer.width, model.context_length
         self.name = f"clip:{Path(model_config).stem if model_config else arch}:{checkpoint or pretrained}"
 
@@ -688,13 +719,14 @@ class SDXLVAE:
             raise ValueError(f"{source}: {model.config.latent_channels} latent channels, the SDXL normalisation has "
                              f"{len(LATENT_MEAN)}")
         self.device = torch.device(device)
-        self.bf16 = _compute_dtype(device, precision) == torch.bfloat16
+        self.bf16 = _frozen_dtype(device, precision) == torch.bfloat16
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.factor = 2 ** (len(model.config.block_out_channels) - 1)  # 8 for SDXL
+        self.latent_channels = len(LATENT_MEAN)  # 4, checked against the model's above
         self.name = f"sdxl-vae:{source}" + (f"/{subfolder}" if subfolder else "")
 
     def latent_shape(self, image_size):
-        return (len(LATENT_MEAN), image_size // self.factor, image_size // self.factor)
+        return (self.latent_channels, image_size // self.factor, image_size // self.factor)
 
     @staticmethod
     def normalize(z):
@@ -790,7 +822,7 @@ def adapt_config(cfg, text_encoder=None, vae=None):
     if text_encoder is not None:
         cfg = dataclasses.replace(cfg, vocab_size=0, text_dim=text_encoder.dim, max_text_len=text_encoder.max_length)
     if vae is not None:
-        cfg = dataclasses.replace(cfg, in_channels=vae.latent_shape(vae.factor)[0])
+        cfg = dataclasses.replace(cfg, in_channels=vae.latent_channels)
     return cfg
 
 

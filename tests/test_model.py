@@ -91,6 +91,35 @@ def test_reward_argument_errors():
         make_model(vocab_size=0)(x, t, text, mask, rewards)
 
 
+def test_input_shape_errors():
+    """Bad shapes are a one-line ValueError at the entry point, not a traceback from deep inside."""
+    model = make_model()
+    cfg = model.cfg
+    x, t, text, mask, rewards = make_inputs(cfg)
+    B, L = text.shape
+    bad = {  # name -> (forward arguments, message)
+        "scalar t": ((x, t[0], text, mask, rewards), r"t must be a tensor of shape \(3,\)"),
+        "float t": ((x, 0.5, text, mask, rewards), r"t must be .* got float"),
+        "image side": ((torch.randn(B, cfg.in_channels, 2 * cfg.image_size, 2 * cfg.image_size), t, text, mask,
+                        rewards), r"x must have shape \(B, 3, 16, 16\)"),
+        "channels": ((x[:, :1], t, text, mask, rewards), r"x must have shape"),
+        "ids too long": ((x, t, torch.ones(B, cfg.max_text_len + 1, dtype=torch.long), None, rewards),
+                         rf"text ids must have shape \(B, L <= {cfg.max_text_len}\)"),
+        "feature width": ((x, t, torch.randn(B, L, cfg.text_dim + 1), mask, rewards), r"text features must have"),
+        "text rank": ((x, t, text[0], None, rewards), r"text must be ids \(B, L\)"),
+        "mask length": ((x, t, text, mask[:, :3], rewards), rf"text_mask must have shape \({B}, {L}\)"),
+        "float drop": ((x, t, text, mask, rewards, torch.zeros_like(rewards)), r"drop_rewards must be bool"),
+        "drop shape": ((x, t, text, mask, rewards, torch.zeros(B, dtype=torch.bool)), r"drop_rewards must be"),
+    }
+    for name, (args, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            model(*args)
+    cond, cond_mask = model.encode_condition(text, mask, rewards)
+    with pytest.raises(ValueError, match="from encode_condition"):
+        model.denoise(x, t, cond[:2], cond_mask[:2])  # a condition of another batch
+    assert model(x, t, text[:, :3], mask[:, :3], rewards).shape == x.shape  # shorter text is fine
+
+
 # ----------------------------------------------------------------------------- initialisation and gradients
 
 def test_adaln_zero_init_gives_zero_output_and_identity_blocks():
@@ -202,6 +231,8 @@ def test_get_config_and_round_trip():
         get_config("tiny", widht=8)
     with pytest.raises(ValueError, match="divisible"):
         get_config("tiny", num_heads=3)
+    with pytest.raises(ValueError, match="width 34 is not divisible by 4"):  # the sin-cos embedding needs 4 | width
+        get_config("tiny", width=34)
 
 
 def test_paper_preset_parameter_count():
@@ -225,6 +256,28 @@ def test_bf16_autocast_forward_matches_fp32():
         out = model(*inputs)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).norm() / ref.norm() < 5e-2
+
+
+def test_bf16_weights_forward_without_autocast():
+    """model.to(bfloat16) runs as is: the timestep and reward features are cast to their MLP's dtype."""
+    model = make_model(nonzero=True)
+    x, t, text, mask, rewards = make_inputs(model.cfg)
+    ref = model(x, t, text, mask, rewards)
+    out = model.to(torch.bfloat16)(x.bfloat16(), t, text, mask, rewards)  # t and rewards stay float32
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 5e-2
+
+
+def test_rmsnorm_keeps_float64_for_gradcheck_and_half_types_in_float32():
+    norm = M.RMSNorm(6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))  # fails if computed in float32
+    xb = torch.randn(2, 6).bfloat16()
+    out = M.RMSNorm(6)(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(xb.float(), (6,), eps=1e-6).bfloat16())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -256,3 +309,13 @@ def test_load_checkpoint_errors(tmp_path):
         M.load_checkpoint(tmp_path / "torn.pt")
     with pytest.raises(ValueError, match="model config"):
         M.model_from_checkpoint({"config": {"widht": 3}})
+    model = make_model()
+    good = {"config": dataclasses.asdict(model.cfg), "tokenizer": WordTokenizer(WORDS, 8).state_dict(),
+            "model": model.state_dict(), "ema": model.state_dict()}
+    M.model_from_checkpoint(good)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        M.model_from_checkpoint({**good, "ema": None})  # load_state_dict raises TypeError
+    with pytest.raises(ValueError, match="no valid tokenizer.*max_len"):
+        M.model_from_checkpoint({**good, "tokenizer": {"words": WORDS}})  # KeyError inside
+    with pytest.raises(ValueError, match="no valid tokenizer"):
+        M.model_from_checkpoint({**good, "tokenizer": None})
