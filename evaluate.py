@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -292,15 +293,26 @@ def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
         raise FileNotFoundError(f"--prompts {spec}: no such file (or use 'heldout')")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        prompts = [json.loads(line) for line in text.splitlines() if line.strip()]
+        prompts = [data._json_line(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif path.suffix == ".tsv":
-        prompts = [{"prompt": row["Prompt"], "tag": row.get("Category", "")}
-                   for row in csv.DictReader(text.splitlines(), delimiter="\t")]
+        rows = csv.DictReader(text.splitlines(), delimiter="\t")
+        if "Prompt" not in (rows.fieldnames or []):
+            raise ValueError(f"{path}: no 'Prompt' column (PartiPrompts' layout: Prompt<TAB>Category<TAB>...)")
+        prompts = [{"prompt": row["Prompt"], "tag": row.get("Category") or ""} for row in rows]
     else:
         prompts = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, dict) and isinstance(p.get("prompt"), str) for p in prompts):
         raise ValueError(f"{path}: expected prompts (a 'prompt' string per JSON line, a 'Prompt' column, or lines)")
+    if any("include" in p and not isinstance(p.get("tag"), str) for p in prompts):
+        raise ValueError(f"{path}: GenEval metadata needs a 'tag' (its task) with every 'include'")
     return prompts
+
+
+def evaluation_items(spec: str, world: data.WorldConfig | None, n_per_prompt: int, min_per_task: int = 0):
+    """The images of an evaluation of --prompts `spec`: n_per_prompt per prompt, and on the built-in held-out set
+    (whose tasks have few prompts) more, so that every task has min_per_task images. A prompt file is taken as
+    it is (GenEval's own metadata: 4 images per prompt), so every subcommand scores the same images."""
+    return repeat_prompts(load_prompts(spec, world), n_per_prompt, min_per_task if spec == "heldout" else 0)
 
 
 def repeat_prompts(prompts: list[dict], n_per_prompt: int, min_per_task: int = 0) -> list[dict]:
@@ -319,13 +331,16 @@ def repeat_prompts(prompts: list[dict], n_per_prompt: int, min_per_task: int = 0
 # ----------------------------------------------------------------------------------------------------------------
 # Sharded sampling and scoring.
 
-def init_distributed():
-    """(rank, world_size): joins torchrun's process group when launched by it (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(device: str) -> tuple[int, str]:
+    """(rank, this rank's device): joins torchrun's process group when launched by it (see train.rank_device)."""
     if "RANK" not in os.environ:
-        return 0, 1
+        return 0, device
+    device, backend = train.rank_device(device, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group(backend)
+    return dist.get_rank(), device
 
 
 def gather_rows(local: dict[int, dict], n: int) -> list[dict]:
@@ -392,12 +407,24 @@ def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics from per-image rows.
 
-def mean_ci(values) -> dict:
-    """Mean and the half-width of its 95% confidence interval (normal approximation, 1.96 standard errors)."""
+def mean_ci(values, groups=None) -> dict:
+    """Mean of the finite values and the half-width of its 95% confidence interval (normal approximation, 1.96
+    standard errors). groups (one label per value, e.g. the prompt): the values of a group are not independent
+    (images of one prompt), so the standard error is cluster-robust: sqrt(G / (G - 1) * sum_g r_g^2) / N, r_g the
+    sum of group g's deviations from the mean, G groups, N values; with as many values in every group this is the
+    standard error of the group means. No groups: every value its own group (the usual s / sqrt(N)). The interval
+    is NaN with fewer than 2 groups."""
     x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return {"mean": float(x.mean()) if len(x) else float("nan"), "ci95": float(half), "n": int(len(x))}
+    g = np.arange(len(x)) if groups is None else np.asarray(groups)
+    keep = np.isfinite(x)
+    x, g = x[keep], g[keep]
+    labels, g = np.unique(g, return_inverse=True)
+    n, k = len(x), len(labels)
+    half = float("nan")
+    if k > 1:
+        residual_sums = np.bincount(g, weights=x - x.mean(), minlength=k)
+        half = 1.96 * math.sqrt(k / (k - 1) * (residual_sums ** 2).sum()) / n
+    return {"mean": float(x.mean()) if n else float("nan"), "ci95": half, "n": n, "prompts": k}
 
 
 def geneval_summary(rows: list[dict], items: list[dict]) -> dict:
@@ -413,8 +440,9 @@ def geneval_summary(rows: list[dict], items: list[dict]) -> dict:
 
 
 def diversity(rows: list[dict], items: list[dict]) -> float:
-    """Mean over prompts (with >= 2 images) of the mean pairwise feature distance between their images (for L2-
-    normalised features like CLIP's: the Euclidean distance; for pixel features: the RMS colour difference)."""
+    """Mean over prompts (with >= 2 images) of the mean pairwise RMS feature difference between their images: the
+    Euclidean distance / sqrt(D) for D features (for pixel features: the RMS colour difference), so the number
+    does not grow with the feature size."""
     groups: dict[int, list[list[float]]] = {}
     for row, it in zip(rows, items):
         groups.setdefault(it["index"], []).append(row["features"])
@@ -428,8 +456,10 @@ def diversity(rows: list[dict], items: list[dict]) -> float:
 
 
 def summarize(rows: list[dict], items: list[dict]) -> dict:
-    """Every metric of one setting: reward means (with 95% CI), GenEval per task and overall, diversity."""
-    out = {"rewards": {name: mean_ci([r["rewards"][name] for r in rows]) for name in rows[0]["rewards"]}}
+    """Every metric of one setting: reward means (with 95% CI clustered by prompt), GenEval per task and overall,
+    diversity."""
+    prompts = [it["index"] for it in items]
+    out = {"rewards": {name: mean_ci([r["rewards"][name] for r in rows], prompts) for name in rows[0]["rewards"]}}
     out["geneval"] = geneval_summary(rows, items)
     if "features" in rows[0]:
         out["diversity"] = diversity(rows, items)
@@ -520,7 +550,7 @@ def plot_curves(path, x, curves: dict[str, dict[str, list]], xlabel: str, title:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -528,6 +558,26 @@ def log(*parts):
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*parts, flush=True)
+
+
+def write_file(path: Path, write):
+    """write(file) to path atomically (data._atomic_write): a reader or an interrupted run never sees half a file."""
+    data._atomic_write(Path(path), write)
+
+
+def write_text(path: Path, text: str):
+    write_file(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj):
+    """obj as strict JSON, atomically: NaN and infinities (a metric of too few images) become null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+    write_text(path, json.dumps(finite(obj), indent=1, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,13 +614,17 @@ class Context:
 
 def cmd_geneval(args, ctx):
     """GenEval: 4 images per prompt (the built-in held-out set repeats small tasks to --min-per-task images),
-    written in GenEval's folder layout (NNNNN/metadata.jsonl, NNNNN/samples/XXXX.png) so that the official
-    evaluator can score them too, and judged here with --detector."""
-    prompts = load_prompts(args.prompts, ctx.world)
-    if not all("include" in p and "tag" in p for p in prompts):
+    written in GenEval's folder layout (NNNNN/metadata.jsonl, NNNNN/samples/XXXX.png, replacing what an earlier run
+    left there) so that the official evaluator can score them too, and judged here with --detector."""
+    from PIL import Image
+    items = evaluation_items(args.prompts, ctx.world, args.n_per_prompt, args.min_per_task)
+    if not all("include" in it for it in items):
         raise ValueError(f"--prompts {args.prompts}: GenEval needs metadata (tag, include) with every prompt")
-    items = repeat_prompts(prompts, args.n_per_prompt, args.min_per_task if args.prompts == "heldout" else 0)
     folder = args.out / "geneval"
+    if args.rank == 0 and folder.exists():
+        shutil.rmtree(folder)  # an earlier run's extra images would be scored by the official evaluator too
+    if dist.is_initialized():
+        dist.barrier()  # no rank writes before the folder is cleared
 
     def write(indices, images):
         for i, pixels in zip(indices, to_uint8(images)):
@@ -579,9 +633,8 @@ def cmd_geneval(args, ctx):
             (sub / "samples").mkdir(parents=True, exist_ok=True)
             if it["sample"] == 0:
                 meta = {k: v for k, v in it.items() if k not in ("index", "sample")}
-                (sub / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
-            from PIL import Image
-            Image.fromarray(pixels).save(sub / "samples" / f"{it['sample']:04d}.png")
+                write_text(sub / "metadata.jsonl", json.dumps(meta) + "\n")
+            write_file(sub / "samples" / f"{it['sample']:04d}.png", lambda f: Image.fromarray(pixels).save(f, "PNG"))
 
     rows = ctx.run(items, ctx.judges(features=False, reward_names=["alignment"] if ctx.world else None),
                    on_images=write)
@@ -592,17 +645,18 @@ def cmd_geneval(args, ctx):
 
 
 def cmd_rewards(args, ctx):
-    """Mean and 95% confidence interval of every judge reward over a prompt set."""
-    items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.n_per_prompt)
+    """Mean and 95% confidence interval of every judge reward over a prompt set. The images of one prompt are not
+    independent draws, so the interval is clustered by prompt (cluster-robust standard error; see mean_ci)."""
+    items = evaluation_items(args.prompts, ctx.world, args.n_per_prompt, args.min_per_task)
     summary = summarize(ctx.run(items, ctx.judges(detector=False, features=False)), items)
     for name, v in summary["rewards"].items():
-        log(f"{name:>14}: {v['mean']:.4f} +- {v['ci95']:.4f} (95% CI, {v['n']} images)")
-    return summary
+        log(f"{name:>14}: {v['mean']:.4f} +- {v['ci95']:.4f} (95% CI, {v['n']} images of {v['prompts']} prompts)")
+    return {**summary, "images": len(items)}
 
 
 def cmd_diversity(args, ctx):
     """Per prompt, the mean pairwise distance between its samples (pixel features offline)."""
-    items = repeat_prompts(load_prompts(args.prompts, ctx.world), max(2, args.n_per_prompt))
+    items = evaluation_items(args.prompts, ctx.world, max(2, args.n_per_prompt), args.min_per_task)
     value = diversity(ctx.run(items, Judges({}, None, pixel_features)), items)
     log(f"diversity (mean pairwise RMS distance of 8x8 colour layouts): {value:.4f}")
     return {"diversity": value, "images": len(items)}
@@ -611,7 +665,10 @@ def cmd_diversity(args, ctx):
 def cmd_tradeoff(args, ctx):
     """Sweep one reward's positive target (the others stay at 1), or with --reward cfg the guidance weight w (any
     checkpoint, the baseline's too), and report every metric along the sweep."""
-    values = [float(v) for v in args.values.split(",")]
+    try:
+        values = [float(v) for v in args.values.split(",")]
+    except ValueError:
+        raise ValueError(f"--values {args.values!r}: expected comma-separated numbers") from None
     by_cfg = args.reward == "cfg"
     if by_cfg:
         if not all(v >= 0 for v in values):
@@ -621,7 +678,7 @@ def cmd_tradeoff(args, ctx):
                          f"{', '.join(ctx.names) or 'nothing'} (--reward cfg sweeps the guidance weight)")
     elif not all(0 <= v <= 1 for v in values):
         raise ValueError("--values must lie in [0, 1]")
-    items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.n_per_prompt, args.min_per_task)
+    items = evaluation_items(args.prompts, ctx.world, args.n_per_prompt, args.min_per_task)
     judges = ctx.judges()
     sweep = {}
     for v in values:
@@ -638,15 +695,14 @@ def cmd_tradeoff(args, ctx):
         metrics, model = list(next(iter(sweep.values()))), "MIRO" if ctx.names else "baseline"
         plot_curves(args.out / "tradeoff.png", values, {m: {model: [sweep[v][m] for v in values]} for m in metrics},
                     "guidance weight w" if by_cfg else f"{args.reward} target")
-    return {"reward": args.reward, "sweep": {str(v): m for v, m in sweep.items()}}
+    return {"reward": args.reward, "sweep": {str(v): m for v, m in sweep.items()}, "images": len(items)}
 
 
 def cmd_tts(args, ctx):
     """Best-of-N test-time scaling: max-n candidates per prompt once, then for N = 1, 2, 4, ... the candidate with
     the highest --select-by reward among the first N; every metric of the selected images, MIRO vs the baseline."""
     ns = [2 ** k for k in range(int(math.log2(args.max_n)) + 1)]
-    prompts = load_prompts(args.prompts, ctx.world)
-    items = repeat_prompts(prompts, args.max_n)
+    items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.max_n)  # each prompt's max-n candidates
     results = {}
     for label, c in (("MIRO", ctx), ("baseline", Context(args, args.baseline) if args.baseline else None)):
         if c is None:
@@ -852,7 +908,7 @@ def evaluate_all(jobs, cache, cache_path, args, out, total):
         run, step, targets = job
         ckpt = train.kept_checkpoint(out / run, step) if step != total else out / run / "ckpt.pt"
         ctx = Context(argparse.Namespace(**{**vars(args), "rewards": targets or ""}), ckpt)
-        items = repeat_prompts(data.heldout_prompts(ctx.world), args.n_per_prompt, args.min_per_task)
+        items = evaluation_items("heldout", ctx.world, args.n_per_prompt, args.min_per_task)
         return flat_metrics(summarize(ctx.run(items, ctx.judges()), items))
 
     todo = [job for job in dict.fromkeys(jobs) if eval_key(*job) not in cache]
@@ -864,10 +920,29 @@ def evaluate_all(jobs, cache, cache_path, args, out, total):
             for job, future in [(job, pool.submit(evaluate_one, job)) for job in todo]:
                 key = eval_key(*job)
                 cache[key] = future.result()
-                data._atomic_write(cache_path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
+                write_json(cache_path, cache)
                 log(f"evaluated {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in cache[key].items()))
     finally:
         torch.set_num_threads(threads)
+
+
+def check_convergence_settings(out: Path, runs: dict[str, list[str]], evaluation: dict):
+    """Refuse an --out made with other settings, else record them in out/settings.json: runs (name -> its train.py
+    flags) and the evaluation's settings. A rerun skips finished runs and reuses cached evaluations, so without
+    this their numbers would silently be those of the old settings. New runs (ablations, seeds) may be added."""
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [name for name in runs if old["runs"].get(name, runs[name]) != runs[name]]
+        changed += ["the evaluation"] if old["evaluation"] != evaluation else []
+        if changed:
+            raise ValueError(f"{out} holds runs and evaluations made with other settings ({', '.join(changed)}): "
+                             f"use another --out, or delete it")
+        runs = {**old["runs"], **runs}
+    elif (out / "evals.json").exists() or any((out / name).exists() for name in runs):
+        raise ValueError(f"{out} holds runs or evaluations but no settings.json (an older evaluate.py made them): "
+                         f"use another --out, or delete it")
+    write_json(path, {"runs": runs, "evaluation": evaluation})
 
 
 def cmd_convergence(args, _ctx=None):
@@ -891,7 +966,15 @@ def cmd_convergence(args, _ctx=None):
     common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(total), "--batch-size",
               str(preset["batch_size"]), "--warmup", str(preset["warmup"]), "--lr", str(preset["lr"]),
               "--ckpt-every", str(keep_every), "--sample-every", "0", "--log-every", str(keep_every)]
-    judges = list(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
+    judges = args.judge_rewards.split(",")  # the built-in rewards and the condition (parse_args)
+    args.steps, args.n_per_prompt = preset["sample_steps"], preset["n_per_prompt"]
+    args.min_per_task = preset["min_per_task"]
+    # What the evaluations' numbers depend on (not --jobs, --batch-size or --device: at most rounding).
+    evaluation = {"seed": args.seed, "sample_steps": args.steps, "n_per_prompt": args.n_per_prompt,
+                  "min_per_task": args.min_per_task, "cfg": args.cfg, "judges": judges,
+                  "reward_options": args.reward_options, "detector": args.detector,
+                  "detector_options": args.detector_options}
+    check_convergence_settings(out, {name: [*common, *flags] for name, flags in runs.items()}, evaluation)
     t0 = time.time()
     args.reward_options = {**args.reward_options, **prepare_convergence_data(condition, judges)}
     train_runs(runs, common, out, args.jobs)
@@ -899,9 +982,6 @@ def cmd_convergence(args, _ctx=None):
 
     cache_path = out / "evals.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    args.steps, args.n_per_prompt = preset["sample_steps"], preset["n_per_prompt"]
-    args.min_per_task = preset["min_per_task"]
-    args.judge_rewards = ",".join(judges)
     curve_runs = [run for pair in pairs for run in pair]
     ablations = [run for run in runs if run not in curve_runs]
     repeats = curve_runs[2:]  # the repeated seeds' curves, evaluated last
@@ -943,7 +1023,7 @@ def cmd_convergence(args, _ctx=None):
     plot_curves(out / "convergence.png", steps, lines, "training step",
                 "baseline vs MIRO on the held-out built-in prompts" +
                 (f" (solid: seed {args.seed}; dashed: mean of {len(seed_pairs)} seeds)" if extra_seeds else ""), styles)
-    (out / "table.md").write_text(format_table(table, metrics) + "\n")
+    write_text(out / "table.md", format_table(table, metrics) + "\n")
     seeds = {}
     if extra_seeds:
         seeds = {label: {seed: curves[pair[i]][-1] for seed, pair in seed_pairs.items()}
@@ -952,7 +1032,7 @@ def cmd_convergence(args, _ctx=None):
         rows[f"mean curve of {len(seed_pairs)} seeds"] = mean_speedups
         text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(rows)
         log(text)
-        (out / "seeds.md").write_text(text + "\n")
+        write_text(out / "seeds.md", text + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
             "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {}, "mean_speedups": mean_speedups,
             "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
@@ -967,7 +1047,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     commands = {"geneval": "GenEval's protocol, images written in GenEval's folder layout",
-                "rewards": "mean and 95%% CI of every reward over a prompt set",
+                "rewards": "mean and 95%% CI (clustered by prompt) of every reward over a prompt set",
                 "diversity": "mean pairwise distance between the samples of each prompt",
                 "tradeoff": "sweep one reward's positive target, or the guidance weight, and report every metric",
                 "tts": "best-of-N test-time scaling, MIRO vs the baseline",
@@ -975,8 +1055,7 @@ def parse_args(argv=None):
                 "convergence": "train the baseline and MIRO (and ablations), curves, speedups and a table"}
     ckpt_help = "checkpoint or run folder (default: the latest runs/*/ckpt.pt)"
     for name, help_ in commands.items():
-        doc = globals()[f"cmd_{name}"].__doc__.replace("%", "%%")  # argparse formats help strings with %
-        s = sub.add_parser(name, help=help_, description=doc)
+        s = sub.add_parser(name, help=help_, description=globals()[f"cmd_{name}"].__doc__)  # shown as written
         s.add_argument("--out", default=None, help="output folder (default: RUN/eval, or runs/convergence)")
         s.add_argument("--seed", type=int, default=0, help="noise seed (training seed for convergence)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -995,11 +1074,8 @@ def parse_args(argv=None):
         s.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
                        help="an option for the mask2former detector (a GenEvalDetectorConfig field), e.g. "
                             "mask2former=DIR or clip=DIR for local copies (repeatable)")
-        s.add_argument("--judge-rewards", default=",".join(rewards.BUILTIN_REWARDS),
-                       help="rewards that judge the images (default: the built-in ones)")
         s.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
-        s.add_argument("--rewards", default="", help="positive targets 'name=value,...' (default: all 1)")
-        if name == "convergence":
+        if name == "convergence":  # its judges are the built-in rewards and --condition; its targets all 1
             s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 400 steps: a few minutes")
             s.add_argument("--train-steps", type=int, default=None,
                            help="training budget of every run, in optimizer steps of batch "
@@ -1020,7 +1096,11 @@ def parse_args(argv=None):
                                 "the saturating image-statistics reward, aesthetic there, at 0.625, the rest at 1)")
             s.add_argument("--jobs", type=int, default=2,
                            help="training runs and evaluations at a time (1 torch thread each)")
+            s.set_defaults(rewards="")
             continue
+        s.add_argument("--judge-rewards", default=",".join(rewards.BUILTIN_REWARDS),
+                       help="rewards that judge the images (default: the built-in ones)")
+        s.add_argument("--rewards", default="", help="positive targets 'name=value,...' (default: all 1)")
         s.add_argument("--ckpt", default=None, help=ckpt_help)
         s.add_argument("--neg-prompt", default=None,
                        help="caption of MIRO's negative branch (default: the prompt itself, the paper's formula; "
@@ -1029,8 +1109,10 @@ def parse_args(argv=None):
                        help="'heldout' (the built-in world's held-out prompts) or a .jsonl (GenEval metadata), .tsv "
                             "(PartiPrompts) or .txt prompt file")
         s.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
-        s.add_argument("--min-per-task", type=int, default=16,
-                       help="repeat the prompts of small built-in tasks until each has this many images")
+        if name != "tts":  # best-of-N draws --max-n candidates per prompt
+            s.add_argument("--min-per-task", type=int, default=16,
+                           help="with --prompts heldout, repeat the prompts of small built-in tasks until each task "
+                                "has this many images (prompt files are taken as they are)")
         s.add_argument("--steps", type=int, default=50, help="Euler steps")
         if name == "tradeoff":
             s.add_argument("--reward", required=True,
@@ -1048,6 +1130,9 @@ def parse_args(argv=None):
         p.error("--cfg must be >= 0")
     if getattr(args, "repeat_seeds", 0) < 0:
         p.error("--repeat-seeds must be >= 0")
+    if args.command == "convergence":
+        condition = [r for r in args.condition.split(",") if r]
+        args.judge_rewards = ",".join(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
     try:
         judges = [n for n in (args.judge_rewards + "," + getattr(args, "select_by", "")).split(",") if n]
         args.reward_options = rewards.parse_reward_options(args.reward_option, judges)
@@ -1071,19 +1156,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    args.rank, _ = init_distributed()
     try:
+        args.rank, args.device = init_distributed(args.device)
         ctx = None if args.command == "convergence" else Context(args)
         default_out = Path("runs/convergence") if ctx is None else ctx.path.parent / "eval"
         args.out = Path(args.out) if args.out else default_out
         args.out.mkdir(parents=True, exist_ok=True)
         result = globals()[f"cmd_{args.command}"](args, ctx)
     except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-        parser.error(str(e).strip("'\""))
+        parser.error(str(e))
     if args.rank == 0:
         path = args.out / f"{args.command}.json"
-        path.write_text(json.dumps({"command": args.command, "checkpoint": str(ctx.path) if ctx else None,
-                                    "step": ctx.ckpt["step"] if ctx else None, **result}, indent=1))
+        write_json(path, {"command": args.command, "checkpoint": str(ctx.path) if ctx else None,
+                          "step": ctx.ckpt["step"] if ctx else None, **result})
         log(f"wrote {path}")
     if dist.is_initialized():
         dist.barrier()  # every rank leaves together, after rank 0 has written (as train.py)

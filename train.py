@@ -449,19 +449,38 @@ def bins_mismatch(bins, path):
     return [n for n in bins.names if edges.get(n) != bins.to_dict()["edges"][n]]
 
 
+def rank_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> tuple[str, str]:
+    """(this rank's device, its process-group backend) for --device (train.py, evaluate.py): "cuda" is the rank's
+    own GPU, cuda:LOCAL_RANK, with NCCL (which needs one GPU per rank); any other device uses gloo."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type != "cuda":
+        return str(dev), "gloo"
+    if dev.index is not None and local_world_size > 1:
+        raise ValueError(f"--device {device} would put all {local_world_size} ranks on one GPU: use --device cuda "
+                         f"(rank r takes cuda:r)")
+    return f"cuda:{local_rank if dev.index is None else dev.index}", "nccl"
+
+
 def main(argv=None):
     parser, args, tc = parse_args(argv)
     wall_start = time.time()
 
     # --- distributed setup: one process per device; a plain process when not launched by torchrun ---
     distributed = "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        device, backend = rank_device(args.device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError as e:
+        parser.error(str(e))
+    device = torch.device(device)
     if distributed:
-        backend = "nccl" if args.device == "cuda" else "gloo"
         dist.init_process_group(backend)
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
-        rank, world_size, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+        rank, world_size = 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -603,7 +622,7 @@ def main(argv=None):
             if len(set(steps)) > 1:
                 raise SystemExit(f"--resume: the ranks loaded checkpoints of different steps {steps}")
         log(f"resumed {run_dir} at step {start_step} on all {world_size} rank(s)")
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     train_model = torch.compile(train_model) if args.compile else train_model  # checkpoints keep the bare model
 
     meta = {"train": dataclasses.asdict(tc), "model": dataclasses.asdict(model_cfg), "world": dataclasses.asdict(world),

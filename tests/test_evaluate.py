@@ -1,6 +1,7 @@
 """evaluate.py: metrics on hand-built rows, the speedup on curves with a known answer, prompt sets, GenEval's
 folder layout, sharded evaluation equal to one process, and clear CLI errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,6 +40,17 @@ def test_mean_ci_and_geneval_summary():
     ci = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
     assert ci["n"] == 4 and ci["mean"] == pytest.approx(2.5)
     assert ci["ci95"] == pytest.approx(1.96 * torch.tensor([1.0, 2, 3, 4]).std().item() / 2)
+    # Clustered by prompt, by hand: mean 21/5 = 4.2; per-prompt sums of deviations -5.4, -0.4, 5.8;
+    # SE^2 = 3/2 * (5.4^2 + 0.4^2 + 5.8^2) / 5^2 = 3.7776.
+    ci = evaluate.mean_ci([1.0, 2.0, 3.0, 5.0, 10.0, float("nan")], groups=[0, 0, 1, 1, 2, 2])
+    assert (ci["mean"], ci["n"], ci["prompts"]) == (pytest.approx(4.2), 5, 3)
+    assert ci["ci95"] == pytest.approx(1.96 * 3.7776 ** 0.5)
+    # Equal images per prompt: the standard error of the prompt means (2, 2, 7: sd 5 / sqrt(3), SE 5 / 3), wider
+    # than treating the 6 images as independent.
+    ci = evaluate.mean_ci([1.0, 3.0, 2.0, 2.0, 6.0, 8.0], groups=[0, 0, 1, 1, 2, 2])
+    assert ci["ci95"] == pytest.approx(1.96 * 5 / 3)
+    assert ci["ci95"] > evaluate.mean_ci([1.0, 3.0, 2.0, 2.0, 6.0, 8.0])["ci95"]
+    assert math.isnan(evaluate.mean_ci([0.5, 0.7], groups=[3, 3])["ci95"])  # one prompt: no interval
     rows = [{"correct": c} for c in (True, False, True, True, True)]
     items = [{"tag": t} for t in ("a", "a", "b", "b", "b")]
     scores = evaluate.geneval_summary(rows, items)
@@ -77,6 +89,35 @@ def test_prompt_sets(tmp_path):
         evaluate.load_prompts(str(tmp_path / "missing.txt"), None)
     with pytest.raises(ValueError, match="built-in world"):
         evaluate.load_prompts("heldout", None)
+    (tmp_path / "bad.tsv").write_text("Text\tCategory\na cat\tAnimals\n")
+    with pytest.raises(ValueError, match="no 'Prompt' column"):
+        evaluate.load_prompts(str(tmp_path / "bad.tsv"), None)
+    (tmp_path / "notag.jsonl").write_text('{"prompt": "a cat", "include": [{"class": "cat", "count": 1}]}\n')
+    with pytest.raises(ValueError, match="needs a 'tag'"):
+        evaluate.load_prompts(str(tmp_path / "notag.jsonl"), None)
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2: not a JSON line"):
+        evaluate.load_prompts(str(tmp_path / "broken.jsonl"), None)
+
+
+def test_min_per_task_applies_to_the_builtin_heldout_prompts_only(tmp_path):
+    world = data.WorldConfig()
+    held = data.heldout_prompts(world)
+    assert evaluate.evaluation_items("heldout", world, 1, 16) == evaluate.repeat_prompts(held, 1, 16)
+    assert len(evaluate.repeat_prompts(held, 1, 16)) > len(held)  # the rule does something here
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in held))
+    assert evaluate.evaluation_items(str(tmp_path / "p.jsonl"), None, 1, 16) == evaluate.repeat_prompts(held, 1)
+
+
+def test_json_outputs_are_strict_and_atomic(tmp_path):
+    path = tmp_path / "x.json"
+    evaluate.write_json(path, {"ci95": float("nan"), "curve": [1.5, float("inf")], "n": (1, 2)})
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+    assert json.loads(path.read_text(), parse_constant=no_constants) == {"ci95": None, "curve": [1.5, None],
+                                                                         "n": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/benchmarks not present")
@@ -101,6 +142,10 @@ def run_eval(*args, nproc=1):
 def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
     common = ["geneval", "--ckpt", str(tiny_runs / "miro"), "--n-per-prompt", "1", "--min-per-task", "2",
               "--steps", "3"]
+    for run in ("one", "two"):  # an earlier, larger run's images: cleared, or GenEval's evaluator would score them
+        for stale in ("99999/samples/0000.png", "00000/samples/0042.png"):
+            (tmp_path / run / "geneval" / stale).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / run / "geneval" / stale).write_bytes(b"stale")
     one = run_eval(*common, "--out", str(tmp_path / "one"))
     two = run_eval(*common, "--out", str(tmp_path / "two"), nproc=2)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -112,6 +157,7 @@ def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
     prompts = data.heldout_prompts(world)
     folders = sorted((tmp_path / "one" / "geneval").iterdir())
     assert [f.name for f in folders] == [f"{i:05d}" for i in range(len(prompts))]
+    assert [f.name for f in sorted((tmp_path / "two" / "geneval").iterdir())] == [f.name for f in folders]
     for i, folder in enumerate(folders):
         meta = json.loads((folder / "metadata.jsonl").read_text())
         assert meta == prompts[i]
@@ -129,7 +175,8 @@ def test_convergence_evaluations_two_at_a_time_match_one_at_a_time(tiny_runs, tm
     jobs = [("miro", 4, None), ("miro", 8, None), ("miro", 8, "sharpness=0.5"), ("baseline", 8, None)]
     caches = {}
     for n in (1, 2):
-        _, args = evaluate.parse_args(["convergence", "--jobs", str(n), "--batch-size", "256"])
+        _, args = evaluate.parse_args(["convergence", "--jobs", str(n), "--batch-size", "256", "--condition",
+                                       "contrast"])  # judges: the built-in rewards
         args.rank, args.steps, args.n_per_prompt, args.min_per_task = 0, 2, 2, 0  # 2 per prompt: diversity
         cache, path = {}, tmp_path / f"evals{n}.json"
         evaluate.evaluate_all(jobs, cache, path, args, tiny_runs, total=8)
@@ -153,25 +200,37 @@ def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path)
     sweep = json.loads((tmp_path / "tradeoff.json").read_text())["sweep"]
     assert set(sweep) == {"0.0", "1.0"} and {"alignment", "contrast", "geneval", "diversity"} <= set(sweep["0.0"])
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
-    res = run_eval("rewards", "--ckpt", ckpt, "--n-per-prompt", "1", "--steps", "2", "--out", str(tmp_path))
+    res = run_eval("rewards", "--ckpt", ckpt, "--n-per-prompt", "1", "--min-per-task", "1", "--steps", "2",
+                   "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads((tmp_path / "rewards.json").read_text())["rewards"]
     assert set(out) == {"alignment", "sharpness", "cleanliness", "contrast"}
-    assert all(0 <= v["mean"] <= 1 and v["ci95"] >= 0 and v["n"] == 29 for v in out.values())
+    assert all(0 <= v["mean"] <= 1 and v["ci95"] >= 0 and v["n"] == v["prompts"] == 29 for v in out.values())
+    (tmp_path / "one.txt").write_text("a red circle\n")  # one image: no interval, and still strict JSON (null)
+    res = run_eval("rewards", "--ckpt", ckpt, "--prompts", str(tmp_path / "one.txt"), "--n-per-prompt", "1",
+                   "--steps", "2", "--judge-rewards", "contrast", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = (tmp_path / "rewards.json").read_text()
+    assert "NaN" not in text and json.loads(text)["rewards"]["contrast"]["ci95"] is None
 
 
 def test_tradeoff_sweeps_the_guidance_weight_of_any_checkpoint(tiny_runs, tmp_path):
     """--reward cfg sweeps w, the baseline's too: each point is the evaluation at that weight (the rewards
-    subcommand at --cfg w on the same images gives the same numbers), and the weight matters."""
-    ckpt, few = str(tiny_runs / "baseline"), ["--n-per-prompt", "1", "--steps", "2"]
-    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "cfg", "--values", "0,3", "--min-per-task", "0", *few,
-                   "--out", str(tmp_path))
+    subcommand at --cfg w on the same images, --min-per-task applied alike, gives the same numbers), and the
+    weight matters."""
+    ckpt, few = str(tiny_runs / "baseline"), ["--n-per-prompt", "1", "--steps", "2", "--min-per-task", "6"]
+    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "cfg", "--values", "0,3", *few, "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
-    sweep = json.loads((tmp_path / "tradeoff.json").read_text())["sweep"]
+    tradeoff = json.loads((tmp_path / "tradeoff.json").read_text())
+    sweep = tradeoff["sweep"]
     assert sweep["0.0"]["contrast"] != sweep["3.0"]["contrast"]
     res = run_eval("rewards", "--ckpt", ckpt, "--cfg", "3", *few, "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
-    at_3 = json.loads((tmp_path / "rewards.json").read_text())["rewards"]
+    rewards = json.loads((tmp_path / "rewards.json").read_text())
+    world = data.WorldConfig(**torch.load(tiny_runs / "baseline" / "ckpt.pt", weights_only=True)["world"])
+    held = data.heldout_prompts(world)
+    assert rewards["images"] == tradeoff["images"] == len(evaluate.repeat_prompts(held, 1, 6)) > len(held)
+    at_3 = rewards["rewards"]
     assert {name: sweep["3.0"][name] for name in at_3} == pytest.approx({n: v["mean"] for n, v in at_3.items()})
     res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "cfg", "--values", "1,-1", *few, "--out", str(tmp_path))
     assert res.returncode == 2 and "guidance weights must be >= 0" in res.stderr and "Traceback" not in res.stderr
@@ -232,7 +291,8 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
         assert all(abs(v) < 10 for v in out["increase"].values())
     res = run_eval("usage", "--ckpt", str(tiny_runs / "miro"), "--data-dir", str(tmp_path / "nowhere"),
                    "--out", str(tmp_path))
-    assert res.returncode == 2 and "No such file" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"No such file or directory: '{tmp_path / 'nowhere' / 'samples.jsonl'}'\n" in res.stderr  # whole quote
 
 
 @pytest.mark.parametrize("args, message", [
@@ -243,6 +303,9 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["usage", "--samples", "0"], "--samples must be > 0"),
     (["convergence", "--condition", "sharpness", "--tuned-target", "contrast=0.6"],
      "--tuned-target: unknown reward 'contrast'; --condition supports: sharpness"),
+    (["convergence", "--rewards", "contrast=0.5"], "unrecognized arguments: --rewards"),  # it would be overwritten
+    (["convergence", "--judge-rewards", "contrast"], "unrecognized arguments: --judge-rewards"),
+    (["tts", "--min-per-task", "4"], "unrecognized arguments: --min-per-task"),
 ])
 def test_cli_errors_are_one_line(args, message):
     res = run_eval(*args)
@@ -258,9 +321,12 @@ def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
     res = run_eval("geneval", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(tmp_path / "nope.jsonl"),
                    "--out", str(tmp_path))
     assert res.returncode == 2 and "no such file" in res.stderr
+    res = run_eval("tradeoff", "--ckpt", str(tiny_runs / "miro"), "--reward", "contrast", "--values", "0,abc",
+                   "--out", str(tmp_path))
+    assert res.returncode == 2 and "--values '0,abc': expected comma-separated numbers" in res.stderr
 
 
-def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
+def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
     """evaluate.py convergence on tiny runs: the schedule of kept checkpoints, the curves, speedups and Table-1 rows
     it reports, and a rerun that retrains and re-evaluates nothing. (train.py runs in-process on the tiny preset in
     place of the cpu-preset subprocesses; data preparation is the default world's and is tested elsewhere.)"""
@@ -341,3 +407,32 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch):
     evaluate.main(argv)  # resumed: every run is done and every evaluation cached
     assert trained == [] and len(contexts) == n_evaluations
     assert json.loads((out / "convergence.json").read_text())["table"] == table
+
+    # Other settings in the same --out would reuse runs and evaluations made with the old ones: refused up front.
+    for changed, what in ((["--seed", "7"], "baseline, miro, "), (["--condition", "sharpness,contrast"], "miro, "),
+                          (["--cfg", "1.5"], "the evaluation"), (["--train-steps", "12"], "baseline, ")):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main([*argv, *changed])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "made with other settings (" + what in err and "another --out" in err
+        assert trained == [] and len(contexts) == n_evaluations
+    legacy = tmp_path / "legacy"  # runs from before settings.json: nothing says how they were made
+    (legacy / "miro").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv, "--out", str(legacy)])
+    assert "no settings.json" in capsys.readouterr().err
+
+
+def test_convergence_settings_accept_new_runs_and_refuse_changed_ones(tmp_path):
+    evaluation = {"seed": 0, "judges": ["alignment"]}
+    evaluate.check_convergence_settings(tmp_path, {"miro": ["--seed", "0"]}, evaluation)
+    evaluate.check_convergence_settings(tmp_path, {"miro": ["--seed", "0"], "miro_seed1": ["--seed", "1"]},
+                                        evaluation)  # another seed: a new run, the old one reused
+    evaluate.check_convergence_settings(tmp_path, {"miro_seed1": ["--seed", "1"]}, evaluation)
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    assert recorded == {"runs": {"miro": ["--seed", "0"], "miro_seed1": ["--seed", "1"]}, "evaluation": evaluation}
+    with pytest.raises(ValueError, match=r"other settings \(miro\)"):
+        evaluate.check_convergence_settings(tmp_path, {"miro": ["--seed", "2"]}, evaluation)
+    with pytest.raises(ValueError, match=r"other settings \(the evaluation\)"):
+        evaluate.check_convergence_settings(tmp_path, {"miro": ["--seed", "0"]}, {**evaluation, "seed": 1})
+    assert json.loads((tmp_path / "settings.json").read_text()) == recorded  # a refusal records nothing

@@ -126,3 +126,13 @@ def test_cli_errors_are_one_line(flags, message):
     result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_rank_gets_its_own_gpu_and_the_backend_of_its_device():
+    assert train.rank_device("cuda", 3, 4) == ("cuda:3", "nccl")
+    assert train.rank_device("cpu", 3, 4) == ("cpu", "gloo")  # gloo on CPU even where CUDA exists
+    assert train.rank_device("cuda:1", 0, 1) == ("cuda:1", "nccl")
+    with pytest.raises(ValueError, match="all 2 ranks on one GPU"):
+        train.rank_device("cuda:1", 0, 2)
+    with pytest.raises(ValueError, match="not a torch device"):
+        train.rank_device("gpu", 0, 1)
