@@ -73,6 +73,9 @@ class Reward:
 
     @torch.no_grad()
     def __call__(self, images, captions: Sequence[str]) -> torch.Tensor:
+        if not (torch.is_tensor(images) or isinstance(images, (list, tuple))) or isinstance(captions, str):
+            raise ValueError(f"{self.name}: expected images as a tensor or a list of tensors and captions as a "
+                             f"list of strings, got {type(images).__name__} and {type(captions).__name__}")
         if isinstance(images, (list, tuple)):
             if not all(torch.is_tensor(x) and x.ndim == 3 and x.shape[0] == 3 for x in images):
                 raise ValueError(f"{self.name}: expected a list of (3, H, W) image tensors")
@@ -86,6 +89,8 @@ class Reward:
             shape = tuple(images.shape) if torch.is_tensor(images) else f"{n} images"
             raise ValueError(f"{self.name}: expected images (B,3,H,W) and B captions, got {shape} "
                              f"and {len(captions)} captions")
+        for x in [images] if torch.is_tensor(images) else images:
+            self._check_range(x)
         if torch.is_tensor(images):
             images = images.to(self.device, torch.float32).clamp(0, 1)
         else:
@@ -93,18 +98,37 @@ class Reward:
         scores = self.fn(images, list(captions))
         return scores.float().cpu()
 
+    def _check_range(self, x: torch.Tensor):
+        """ValueError for images in another convention, which clamping to [0, 1] would silently turn into garbage
+        (0-255 ones all white, [-1, 1] ones half black). Values within RANGE_SLACK of [0, 1] are only overshoot
+        (float error; bicubic resampling rings up to ~0.2 past an edge) and are clamped."""
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: images must be float in [0, 1], got {x.dtype} (uint8: divide by 255)")
+        lo, hi = (float(v) for v in x.aminmax()) if x.numel() else (0.0, 1.0)
+        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+            raise ValueError(f"{self.name}: images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                             f"(0-255 images: divide by 255; [-1, 1] images: (x + 1) / 2)")
+
     def __repr__(self):
         return f"Reward({self.name!r})"
 
 
+RANGE_SLACK = 0.5  # Reward rejects pixel values beyond [-RANGE_SLACK, 1 + RANGE_SLACK] (see Reward._check_range)
+
+
 REWARDS: dict[str, Callable[..., Reward]] = {}  # name -> factory(device, **options) -> Reward
+REWARD_OPTIONS: dict[str, dict] = {}  # name -> {option: default} of a factory taking **options (see _reward_options)
 
 
-def register_reward(name: str):
+def register_reward(name: str, options: dict | None = None):
     """Decorator adding a factory `fn(device, **options) -> Reward` under `name` (the key users type). Options are
-    strings from the command line (`--reward-option name.key=value`), e.g. a local checkpoint path."""
+    strings from the command line (`--reward-option name.key=value`), e.g. a local checkpoint path. `options`: the
+    factory's {option: default} (read back by _reward_options), so that parse_reward_options rejects an unknown
+    option or a bad value when the command is parsed, not hours later when the reward loads."""
     def wrap(factory):
         REWARDS[name] = factory
+        if options is not None:
+            REWARD_OPTIONS[name] = options
         return factory
     return wrap
 
@@ -116,19 +140,44 @@ def load_reward(name: str, device="cpu", **options) -> Reward:
     return REWARDS[name](device, **options)
 
 
+def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(3,H,W) -> (3,h,w), bicubic and antialiased (torchvision's tensor Resize; close to PIL's bicubic)."""
+    if x.shape[-2:] == (h, w):
+        return x
+    return F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
 def resize_center_crop(images, size: int) -> torch.Tensor:
-    """(B,3,H,W) tensor or list of (3,H_i,W_i) in [0,1] -> (B,3,size,size): the shorter side resized to `size`
-    (bicubic, antialiased, as CLIP-style preprocessing does with PIL), then the centre square cropped."""
+    """(B,3,H,W) tensor or list of (3,H_i,W_i) in [0,1] -> (B,3,size,size): torchvision's Resize(size) then
+    CenterCrop(size), i.e. open_clip's and BLIP's eval transforms and CLIPImageProcessor: the shorter side resized
+    to `size` and the longer to int(size * long / short) (truncated, as both libraries do), bicubic, then the centre
+    square cropped at offset round((side - size) / 2). (transformers' slow CLIPImageProcessor floors that offset:
+    one pixel apart when side - size is 3 mod 4.)"""
     out = []
     for x in images:
         h, w = x.shape[-2:]
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-        top, left = (nh - size) // 2, (nw - size) // 2
-        out.append(x[:, top:top + size, left:left + size])
-    return torch.stack(out).clamp(0, 1)
+        long = int(size * max(h, w) / min(h, w))
+        nh, nw = (size, long) if h <= w else (long, size)
+        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+        out.append(_resize(x, nh, nw)[:, top:top + size, left:left + size])
+    return torch.stack(out).clamp(0, 1)  # PIL-based pipelines resize 8-bit images: no bicubic overshoot
+
+
+def resize_letterbox(images, size: int) -> torch.Tensor:
+    """(B,3,H,W) tensor or list of (3,H_i,W_i) in [0,1] -> (B,3,size,size): the longer side resized to `size` and
+    the shorter to round(side * size / long), bicubic, then centred on a black square (left/top padding floored).
+    This is HPSv2's eval transform: the hpsv2 package builds open_clip with light_augmentation=True, whose
+    preprocess_val is image_transform(resize_longest_max=True) (ResizeMaxSize, fill 0, on the ToTensor output,
+    before Normalize: so not clamped either). The whole image is scored, never a centre crop of it. (ResizeMaxSize
+    leaves an image whose longer side is already `size` unpadded, a shape the ViT cannot take; here it is padded.)"""
+    out = []
+    for x in images:
+        h, w = x.shape[-2:]
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out.append(F.pad(_resize(x, nh, nw), (left, size - nw - left, top, size - nh - top)))
+    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,41 +452,56 @@ MIRO_CACHE = Path(os.environ.get("MIRO_CACHE", Path.home() / ".cache" / "miro"))
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
 HPSV2_FILES = {"2.1": "HPS_v2.1_compressed.pt", "2.0": "HPS_v2_compressed.pt"}  # in the hub repo xswu/HPSv2
+PRECISIONS = ("bf16", "fp32")  # the CLIP-family `precision=` option: bf16 autocast on CUDA, or never
 
 
-def _reward_options(name: str, options: dict, defaults: dict) -> dict:
-    """The defaults updated with the user's options; an unknown option (or precision) raises ValueError."""
+def _reward_options(name: str, options: dict) -> dict:
+    """REWARD_OPTIONS[name] updated with the user's options, checked before anything is downloaded or loaded. A
+    default that is a tuple lists the accepted values (the first is the default; None: decided later); an int
+    default takes a positive integer. An unknown option or a bad value raises a one-line ValueError."""
+    defaults, o = REWARD_OPTIONS[name], {}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
-    o = {**defaults, **options}
-    if o.get("precision", "bf16") not in ("bf16", "fp32"):  # checked before anything is downloaded
-        raise ValueError(f"{name}: precision must be bf16 or fp32, got {o['precision']!r}")
+    for key, default in defaults.items():
+        value = options.get(key)
+        if key not in options:
+            o[key] = default[0] if isinstance(default, tuple) else default
+        elif isinstance(default, tuple) and value not in default:
+            raise ValueError(f"{name}: {key} must be {' or '.join(v for v in default if v)}, got {value!r}")
+        elif isinstance(default, int) and not (str(value).isdigit() and int(value) > 0):
+            raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+        else:
+            o[key] = int(value) if isinstance(default, int) else value
     return o
 
 
-def clip_pixels(images, size: int = 224) -> torch.Tensor:
-    """[0,1] images ((B,3,H,W) or a list of (3,H,W)) -> CLIP input (B,3,size,size): shorter side resized to `size`
-    (bicubic), centre crop, then (x - CLIP_MEAN) / CLIP_STD: CLIPImageProcessor's and open_clip's eval transform."""
-    x = resize_center_crop(images, size)
+def clip_pixels(images, size: int = 224, resize: Callable = resize_center_crop) -> torch.Tensor:
+    """[0,1] images ((B,3,H,W) or a list of (3,H,W)) -> CLIP input (B,3,size,size): `resize` (default: shorter
+    side to `size`, bicubic, centre crop), then (x - CLIP_MEAN) / CLIP_STD: CLIPImageProcessor's and open_clip's
+    eval transform."""
+    x = resize(images, size)
     return (x - x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 class ClipEncoder:
     """A CLIP-style model behind two calls that return L2-normalised fp32 features (B, D): images(images01) and
     texts(captions). image_fn(pixels) and text_fn(captions) give the raw projected features of either library.
-    precision "bf16": bf16 autocast on CUDA (fp32 elsewhere); "fp32": never."""
+    precision "bf16": bf16 autocast on CUDA (fp32 elsewhere); "fp32": never. resize: how images reach image_size
+    (resize_center_crop, or resize_letterbox for HPSv2)."""
 
-    def __init__(self, model, image_fn: Callable, text_fn: Callable, image_size: int, device, precision="bf16"):
+    def __init__(self, model, image_fn: Callable, text_fn: Callable, image_size: int, device, precision="bf16",
+                 resize: Callable = resize_center_crop):
         self.model, self.image_fn, self.text_fn, self.image_size = model, image_fn, text_fn, image_size
         self.bf16 = torch.device(device).type == "cuda" and precision == "bf16"
+        self.resize = resize
 
     def _features(self, fn, x) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             return F.normalize(fn(x).float(), dim=-1)
 
     def images(self, images) -> torch.Tensor:
-        return self._features(self.image_fn, clip_pixels(images, self.image_size))
+        return self._features(self.image_fn, clip_pixels(images, self.image_size, self.resize))
 
     def texts(self, captions: Sequence[str]) -> torch.Tensor:
         return self._features(self.text_fn, list(captions))
@@ -474,7 +538,7 @@ def _load_strict(module: torch.nn.Module, state: dict, source) -> None:
 
 
 def load_open_clip(arch: str, pretrained=None, checkpoint=None, model_config=None, quick_gelu=False, device="cpu",
-                   precision="bf16") -> ClipEncoder:
+                   precision="bf16", resize: Callable = resize_center_crop) -> ClipEncoder:
     """open_clip model `arch` in eval mode, weights from the `pretrained` tag (downloaded by open_clip) or, strictly,
     from `checkpoint`: a state dict file (HPSv2's wrapper accepted) or a folder holding open_clip_model.safetensors /
     open_clip_pytorch_model.bin. model_config: an open_clip JSON config, registered under its file stem, which then
@@ -498,7 +562,7 @@ def load_open_clip(arch: str, pretrained=None, checkpoint=None, model_config=Non
     tokenizer = open_clip.get_tokenizer(arch)  # CLIP's BPE, padded/truncated to the config's 77 tokens
     size = model.visual.image_size
     return ClipEncoder(model, model.encode_image, lambda captions: model.encode_text(tokenizer(captions).to(device)),
-                       size[0] if isinstance(size, (tuple, list)) else size, device, precision)
+                       size[0] if isinstance(size, (tuple, list)) else size, device, precision, resize)
 
 
 def load_hf_clip(source, tokenizer_source, device="cpu", precision="bf16") -> ClipEncoder:
@@ -526,17 +590,15 @@ def load_hf_clip(source, tokenizer_source, device="cpu", precision="bf16") -> Cl
     return ClipEncoder(model, image_fn, text_fn, model.config.vision_config.image_size, device, precision)
 
 
-@register_reward("clip")
+@register_reward("clip", dict(backend=("openai", "jina"), checkpoint=None, model_config=None,
+                             precision=PRECISIONS, trust_remote_code="0"))
 def clip_reward(device="cpu", **options) -> Reward:
     """CLIP score: cosine(image, short caption) under OpenAI CLIP ViT-L/14 (open_clip, QuickGELU) = logits / 100.
     Options: checkpoint=FILE|DIR (open_clip weights), model_config=JSON, precision=bf16|fp32, backend=jina (the
     paper's jinaai/jina-clip-v2; needs trust_remote_code=1)."""
-    o = _reward_options("clip", options, dict(backend="openai", checkpoint=None, model_config=None, precision="bf16",
-                                              trust_remote_code="0"))
+    o = _reward_options("clip", options)
     if o["backend"] == "jina":
         return _jina_clip_reward(device, o)
-    if o["backend"] != "openai":
-        raise ValueError(f"clip: unknown backend {o['backend']!r}; use openai (default) or jina")
     enc = load_open_clip("ViT-L-14", "openai", o["checkpoint"], o["model_config"], quick_gelu=True, device=device,
                          precision=o["precision"])
     return Reward("clip", enc.cosine, device, caption_field="short_caption", ragged=True)
@@ -595,11 +657,11 @@ def load_aesthetic_head(path=None) -> AestheticHead:
     return head.eval().requires_grad_(False)
 
 
-@register_reward("aesthetic")
+@register_reward("aesthetic", dict(head=None, checkpoint=None, model_config=None, precision=PRECISIONS))
 def aesthetic_reward(device="cpu", **options) -> Reward:
     """LAION aesthetic score / 10 (image only). Options: head=PATH (the MLP .pth; default: download the original),
     checkpoint=FILE|DIR and model_config=JSON (the CLIP ViT-L/14 under it), precision=bf16|fp32."""
-    o = _reward_options("aesthetic", options, dict(head=None, checkpoint=None, model_config=None, precision="bf16"))
+    o = _reward_options("aesthetic", options)
     enc = load_open_clip("ViT-L-14", "openai", o["checkpoint"], o["model_config"], quick_gelu=True, device=device,
                          precision=o["precision"])
     head = load_aesthetic_head(o["head"]).to(device)
@@ -609,19 +671,20 @@ def aesthetic_reward(device="cpu", **options) -> Reward:
     return Reward("aesthetic", score, device, ragged=True)
 
 
-@register_reward("hpsv2")
+@register_reward("hpsv2", dict(version=tuple(HPSV2_FILES), checkpoint=None, model_config=None,
+                              precision=PRECISIONS))
 def hpsv2_reward(device="cpu", **options) -> Reward:
     """HPSv2 human preference score: raw cosine(image, short caption) under open_clip ViT-H-14 with the HPSv2.1
-    weights (as the hpsv2 package scores). Options: version=2.1|2.0 (which file of the hub repo xswu/HPSv2),
-    checkpoint=PATH (a local copy of either file: {"state_dict": ...}), model_config=JSON, precision=bf16|fp32."""
-    o = _reward_options("hpsv2", options, dict(version="2.1", checkpoint=None, model_config=None, precision="bf16"))
-    if o["version"] not in HPSV2_FILES:
-        raise ValueError(f"hpsv2: unknown version {o['version']!r}; use {' or '.join(HPSV2_FILES)}")
+    weights, on the whole image letterboxed to 224 px (resize_letterbox), as the hpsv2 package scores. Options:
+    version=2.1|2.0 (which file of the hub repo xswu/HPSv2), checkpoint=PATH (a local copy of either file:
+    {"state_dict": ...}), model_config=JSON, precision=bf16|fp32."""
+    o = _reward_options("hpsv2", options)
     path = o["checkpoint"]
     if path is None and o["model_config"] is None:
         from huggingface_hub import hf_hub_download
         path = hf_hub_download("xswu/HPSv2", HPSV2_FILES[o["version"]])
-    enc = load_open_clip("ViT-H-14", None, path, o["model_config"], device=device, precision=o["precision"])
+    enc = load_open_clip("ViT-H-14", None, path, o["model_config"], device=device, precision=o["precision"],
+                         resize=resize_letterbox)
     return Reward("hpsv2", enc.cosine, device, caption_field="short_caption", ragged=True)
 
 
@@ -629,7 +692,7 @@ def _hf_clip_reward(name: str, model_id: str, tokenizer_id: str, device, options
     """PickScore-style reward: logit_scale.exp() * cosine(image, short caption) / 100 (the model's logits / 100).
     checkpoint=DIR replaces the hub model (a folder with its tokenizer files also supplies the tokenizer);
     processor=ID|DIR names the tokenizer source explicitly."""
-    o = _reward_options(name, options, dict(checkpoint=None, processor=None, precision="bf16"))
+    o = _reward_options(name, options)
     source = o["checkpoint"] or model_id
     tokenizer_source = o["processor"] or (
         source if (Path(source) / "tokenizer_config.json").is_file() else tokenizer_id)
@@ -640,14 +703,14 @@ def _hf_clip_reward(name: str, model_id: str, tokenizer_id: str, device, options
     return Reward(name, score, device, caption_field="short_caption", ragged=True)
 
 
-@register_reward("pickscore")
+@register_reward("pickscore", dict(checkpoint=None, processor=None, precision=PRECISIONS))
 def pickscore_reward(device="cpu", **options) -> Reward:
     """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic) with the laion ViT-H-14 processor settings."""
     return _hf_clip_reward("pickscore", "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                            device, options)
 
 
-@register_reward("sciscore")
+@register_reward("sciscore", dict(checkpoint=None, processor=None, precision=PRECISIONS))
 def sciscore_reward(device="cpu", **options) -> Reward:
     """SciScore (CLIP ViT-H/14 fine-tuned on Science-T2I); its hub repo ships its own processor files, made from
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K (the model it was trained from), so the same settings as PickScore."""
@@ -867,13 +930,12 @@ def shapes_clip_recipe(path) -> int | None:
         return None
 
 
-@register_reward("shapes_clip")
+@register_reward("shapes_clip", dict(checkpoint=str(data.WorldConfig().default_dir() / SHAPES_CLIP_FILE)))
 def shapes_clip_reward(device="cpu", **options) -> Reward:
     """The learned CLIP-style reward of the built-in world: (1 + cosine) / 2 in [0, 1]. Options: checkpoint=PATH
     (a .safetensors written by `rewards.py train-clip`; default: shapes_clip.safetensors in the default world's
     folder)."""
-    o = _reward_options("shapes_clip", options,
-                        dict(checkpoint=str(data.WorldConfig().default_dir() / SHAPES_CLIP_FILE)))
+    o = _reward_options("shapes_clip", options)
     model = load_shapes_clip(o["checkpoint"], device)
 
     def score(images, captions):
@@ -1077,7 +1139,8 @@ class ImageRewardModel(torch.nn.Module):
         ones = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
         text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
                          encoder_attention_mask=ones, is_decoder=False).last_hidden_state[:, 0]  # [CLS] (B, Dt)
-        return (self.mlp(text.float()).squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+        head = self.mlp(text.to(self.mlp[0].weight.dtype)).float()  # the head's own dtype (fp32 in the reward)
+        return (head.squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 def imagereward_configs(med_config: dict, vision: dict = IMAGEREWARD_VIT_L):
@@ -1123,14 +1186,14 @@ def imagereward_score(model: ImageRewardModel, tokenizer, images, captions) -> t
     return (model(pixels, tokens["input_ids"], tokens["attention_mask"]).float() + 2) / 4
 
 
-@register_reward("imagereward")
+@register_reward("imagereward", dict(checkpoint=None, med_config=None, vision_config=None,
+                                     tokenizer="bert-base-uncased", dtype=("float32", "bfloat16", "float16")))
 def imagereward_reward(device="cpu", **options) -> Reward:
     """ImageReward, stored as (score + 2) / 4, on the short caption (35 tokens). Options: checkpoint=ImageReward.pt
     and med_config=med_config.json (default: both downloaded from THUDM/ImageReward), vision_config=JSON of
     BlipVisionConfig fields (default BLIP ViT-L/16 at 224 px), tokenizer=DIR|ID (bert-base-uncased),
     dtype=float32 (default)|bfloat16|float16."""
-    o = _reward_options("imagereward", options, dict(checkpoint=None, med_config=None, vision_config=None,
-                                                     tokenizer="bert-base-uncased", dtype="float32"))
+    o = _reward_options("imagereward", options)
     if o["checkpoint"] is None or o["med_config"] is None:
         from huggingface_hub import hf_hub_download
         o["checkpoint"] = o["checkpoint"] or hf_hub_download("THUDM/ImageReward", "ImageReward.pt")
@@ -1138,6 +1201,7 @@ def imagereward_reward(device="cpu", **options) -> Reward:
     vision = json.loads(Path(o["vision_config"]).read_text()) if o["vision_config"] else IMAGEREWARD_VIT_L
     model, _ = load_imagereward(o["checkpoint"], json.loads(Path(o["med_config"]).read_text()), vision)
     model.to(device, _model_dtype(o["dtype"], device))
+    model.mlp.float()  # the tiny head stays fp32, as the aesthetic one: a bf16 head would blur scores across bins
     return Reward("imagereward", partial(imagereward_score, model, imagereward_tokenizer(o["tokenizer"])), device,
                   caption_field="short_caption", ragged=True)
 
@@ -1298,22 +1362,20 @@ def vqascore_score(model: CLIPFlanT5, tokenizer, images, captions, batch: int = 
     return torch.cat(scores)
 
 
-@register_reward("vqascore")
+@register_reward("vqascore", dict(variant=tuple(VQASCORE_REPOS), checkpoint=None, tokenizer=None, vision_tower=None,
+                                  dtype=(None, "float32", "bfloat16", "float16"), batch=16))
 def vqascore_reward(device="cpu", **options) -> Reward:
     """VQAScore (probability-like, in [0, 1]) with CLIP-FlanT5 on the long caption. Options: variant=xxl|xl,
     checkpoint=DIR (a local CLIP-FlanT5 folder), tokenizer=DIR|ID (google/flan-t5-<variant>), vision_tower=DIR|ID
     (CLIP ViT-L/14-336: config, and weights if the checkpoint lacks them), dtype= (bfloat16 on CUDA as the original,
     float32 elsewhere), batch= images per forward (16)."""
-    o = _reward_options("vqascore", options, dict(variant="xxl", checkpoint=None, tokenizer=None,
-                                                  vision_tower=None, dtype=None, batch="16"))
-    if o["variant"] not in VQASCORE_REPOS:
-        raise ValueError(f"vqascore: unknown variant {o['variant']!r}; use {' or '.join(VQASCORE_REPOS)}")
+    o = _reward_options("vqascore", options)
     from transformers import AutoTokenizer
     repo, tokenizer_repo = VQASCORE_REPOS[o["variant"]]
     model, _ = load_vqascore(o["checkpoint"] or repo, o["vision_tower"], _model_dtype(o["dtype"], device))
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"] or tokenizer_repo)
-    return Reward("vqascore", partial(vqascore_score, model, tokenizer, batch=int(o["batch"])), device,
+    return Reward("vqascore", partial(vqascore_score, model, tokenizer, batch=o["batch"]), device,
                   caption_field="caption", ragged=True)
 
 
@@ -1332,11 +1394,17 @@ TINY_T5_PIECES = ["<pad>", "</s>", "<unk>", "▁", "▁Yes", ":", ".", "?", '"',
 
 
 def _tiny_spread(model: torch.nn.Module) -> torch.nn.Module:
-    """Variance-preserving weights (N(0, 1/fan_in)) for every Linear: with the usual 0.02 init, a tiny random model
-    barely reacts to its inputs and all scores agree to four digits, which would hide pairing mistakes."""
+    """Variance-preserving weights (N(0, 1/fan_in)) for every Linear and Conv2d: with the usual 0.02 init, a tiny
+    random model barely reacts to its inputs and all scores agree to four digits, which would hide pairing mistakes.
+    BLIP's ViT initialises its patch, class and position embeddings with std 1e-10 (BlipVisionConfig's
+    initializer_range): left so, its image tokens are all alike and the scores hardly depend on the pixels."""
+    from transformers.models.blip.modeling_blip import BlipVisionEmbeddings
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+        if isinstance(m, BlipVisionEmbeddings):
+            torch.nn.init.normal_(m.class_embedding, std=0.02)
+            torch.nn.init.normal_(m.position_embedding, std=0.02)
     return model
 
 
@@ -1635,9 +1703,10 @@ def _torch_threads(n: int | None):
 
 
 class _RecordStream(torch.utils.data.IterableDataset):
-    """This rank's records whose key is not in `skip`, as (key, image uint8 (3,H,W) or None, captions, error). Under a
-    DataLoader with workers each worker reads its own share (iter_records' worker split), so images decode in
-    parallel."""
+    """This rank's records whose key is not in `skip`, as (key, image uint8 (3,H,W) or None, captions, error). The
+    source leaves the skipped keys out before decoding them (iter_records(skip=)): a resume decodes only what it
+    scores. Under a DataLoader with workers each worker reads its own share (iter_records' worker split), so images
+    decode in parallel."""
 
     def __init__(self, source, skip, rank: int, world_size: int):
         self.source, self.skip, self.rank, self.world_size = source, skip, rank, world_size
@@ -1645,10 +1714,9 @@ class _RecordStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         wid, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        for r in self.source.iter_records(self.rank, self.world_size, wid, workers):
-            if r.key not in self.skip:
-                image = None if r.image is None else torch.from_numpy(np.array(r.image)).permute(2, 0, 1)
-                yield r.key, image, r.captions, r.error
+        for r in self.source.iter_records(self.rank, self.world_size, wid, workers, skip=self.skip):
+            image = None if r.image is None else torch.from_numpy(np.array(r.image)).permute(2, 0, 1)
+            yield r.key, image, r.captions, r.error
 
 
 def _record_batches(source, skip, skipped: dict, rank=0, world_size=1, batch_size=256, num_workers=0):
@@ -1779,8 +1847,21 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
             if rank == 0:
                 _merge_parts(out_dir, drop=rescore)
             _barrier(world_size)
+        _check_field_columns(out_dir, [r if isinstance(r, str) else r.name for r in rewards])
         return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
                                 rank, world_size, num_workers, verbose, cpu_threads)
+
+
+def _check_field_columns(out_dir: Path, names: Sequence[str]):
+    """A "name@field" column shares the bins of reward `name`, which need its plain column (data.annotation_scores,
+    data.RewardTable): ValueError, before anything is scored, for one whose `name` is neither among `names` nor
+    already in out_dir. (Every rank reads the same files, so all ranks agree.)"""
+    bases = dict.fromkeys(n.partition("@")[0] for n in names if "@" in n and n.partition("@")[0] not in names)
+    files = [out_dir / ANNOTATIONS, *_part_files(out_dir)]
+    absent = [b for b in bases if not any(b in row for path in files for row in _iter_rows(path))]
+    if absent:
+        raise ValueError(f"--rewards {','.join(names)}: NAME@FIELD shares the bins of the plain NAME column, and "
+                         f"{out_dir} has no {', '.join(absent)} scores: add {','.join(absent)} to --rewards")
 
 
 @contextmanager
@@ -1919,8 +2000,9 @@ time and are freed in between, so all seven fit one 80 GB GPU. The built-in rewa
 
 
 def parse_reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """["clip.checkpoint=/x.pt", ...] -> {"clip": {"checkpoint": "/x.pt"}}, checked against each reward factory's
-    signature now (not hours into a run); ValueError on bad syntax, a reward not in `names` or an unknown key."""
+    """["clip.checkpoint=/x.pt", ...] -> {"clip": {"checkpoint": "/x.pt"}}, checked now (not hours into a run)
+    against each reward's REWARD_OPTIONS (keys and values), or for a factory without them its signature; ValueError
+    on bad syntax, a reward not in `names`, an unknown key or a bad value."""
     options: dict[str, dict[str, str]] = {}
     for spec in specs:
         target, eq, value = spec.partition("=")
@@ -1933,6 +2015,12 @@ def parse_reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str
     for name, opts in options.items():
         if name not in REWARDS:
             raise ValueError(f"--reward-option {name}: unknown reward; known: {', '.join(REWARDS)}")
+        if name in REWARD_OPTIONS:
+            try:
+                _reward_options(name, opts)
+            except ValueError as e:
+                raise ValueError(f"--reward-option {e}") from None
+            continue
         try:
             inspect.signature(REWARDS[name]).bind("cpu", **opts)
         except TypeError as e:

@@ -74,8 +74,9 @@ class ListSource:
     def __len__(self):
         return len(self.records)
 
-    def iter_records(self, rank=0, world_size=1, worker_id=0, num_workers=1):
-        yield from self.records[rank * num_workers + worker_id::world_size * num_workers]
+    def iter_records(self, rank=0, world_size=1, worker_id=0, num_workers=1, skip=()):
+        yield from (r for r in self.records[rank * num_workers + worker_id::world_size * num_workers]
+                    if r.key not in skip)
 
 
 def mixed_records():
@@ -167,6 +168,48 @@ def test_rescore_replaces_a_retrained_rewards_scores(tmp_path, world, probe, mon
     assert all(list(r) == ["key", "alignment", "probe"] for r in rows(tmp_path / "annotations.jsonl"))
     assert RewardBins.load(tmp_path / "bins.json").edges["probe"].min() >= 7  # refitted to the new scores
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
+
+
+@pytest.mark.parametrize("layout", ["folder", "webdataset"])
+def test_a_rerun_decodes_only_what_it_scores(tmp_path, layout, monkeypatch):
+    """Scored keys are left out before their image is decoded: a rerun with nothing left to score decodes nothing
+    (at paper scale a resume would otherwise decode 16M images once per reward), and an added reward decodes each
+    image once."""
+    import tarfile
+    root = tmp_path / "data"
+    for i in range(10):
+        write_png(root / f"img{i}.png", i)
+        (root / f"img{i}.txt").write_text(f"a red circle {i}")
+    if layout == "webdataset":
+        with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+            for f in sorted(root.iterdir()):
+                tar.add(f, arcname=f.name)
+    dataset = root if layout == "folder" else tmp_path / "shard.tar"
+    decodes = []
+    load_image = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda *a, **k: decodes.append(1) or load_image(*a, **k))
+    runs = [["contrast", "sharpness"], ["contrast", "sharpness"], ["contrast", "sharpness", "cleanliness"]]
+    counts = []
+    for names in runs:
+        decodes.clear()
+        table = rewards.annotate(str(dataset), names, tmp_path / "ann", batch_size=4, verbose=False)
+        counts.append(len(decodes))
+    assert counts == [20, 0, 10] and len(table) == 10 and all(len(v) == 3 for v in table.values())
+
+
+def test_a_field_column_needs_its_plain_column(tmp_path, world, probe):
+    """"name@field" shares the bins of the plain "name" column: alone on a fresh folder it is refused before
+    anything is scored (it would score everything, then find no bins to fit); beside "name", or once the folder
+    has "name", it is scored."""
+    with pytest.raises(ValueError, match="shares the bins of the plain NAME column.*add probe to --rewards"):
+        rewards.annotate(world, ["probe@caption", "contrast"], tmp_path, verbose=False)
+    assert probe == [] and not list(tmp_path.glob("annotations*"))  # nothing scored, nothing written
+    rewards.annotate(world, ["probe"], tmp_path, batch_size=16, verbose=False)
+    table = rewards.annotate(world, ["probe@caption"], tmp_path, batch_size=16, verbose=False)
+    assert sum(probe) == 2 * N and all(set(v) == {"probe", "probe@caption"} for v in table.values())
+    bins = RewardBins.load(tmp_path / "bins.json")
+    pooled = [v[c] for v in table.values() for c in v]
+    assert bins.names == ("probe",) and bins.edges["probe"][[0, -1]].tolist() == [min(pooled), max(pooled)]
 
 
 ANNOTATE_WITH_PROBE = """import sys
@@ -332,6 +375,12 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
         "'clip9' is not one of --rewards": ["annotate", "--data", str(world), "--reward-option", "clip9.x=1"],
         "reward 'contrast' does not take ['size']": ["annotate", "--data", str(world), "--reward-option",
                                                      "contrast.size=3"],
+        "clip: unknown option(s) chekpoint; known: backend, checkpoint": [
+            "annotate", "--data", str(world), "--rewards", "clip", "--reward-option", "clip.chekpoint=/x.pt"],
+        "vqascore: batch must be a positive integer, got '0'": [
+            "annotate", "--data", str(world), "--rewards", "vqascore", "--reward-option", "vqascore.batch=0"],
+        "NAME@FIELD shares the bins of the plain NAME column": [
+            "annotate", "--data", str(world), "--out", str(tmp_path / "ann"), "--rewards", "alignment@caption"],
         "does not exist": ["annotate", "--data", str(tmp_path / "missing"), "--rewards", "contrast"],
         "--rescore sharpness: only rewards named in --rewards": ["annotate", "--data", str(world), "--rewards",
                                                                   "contrast", "--rescore", "sharpness"],

@@ -185,7 +185,22 @@ def test_imagereward_equals_the_original_computation(tiny, images):
     stored = reward(images, CAPTIONS)
     assert stored.dtype == torch.float32 and stored.shape == (3,)
     torch.testing.assert_close(stored, (raw + 2) / 4, atol=1e-5, rtol=1e-5)
-    assert stored.std() > 0.01  # the tiny model reacts to its inputs: the comparisons above mean something
+    # the tiny model reacts to its inputs, the pixels included: the comparisons above mean something
+    assert stored.std() > 0.01 and (reward(images.flip(-1), CAPTIONS) - stored).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_imagereward_runs_in_half_precision(tiny, images, dtype):
+    """dtype=bfloat16|float16 (documented options) run, with the tiny MLP head kept in fp32, and give the float32
+    scores up to half-precision rounding."""
+    reference = rewards.load_reward("imagereward", **tiny["imagereward"])(images, CAPTIONS)
+    reward = rewards.load_reward("imagereward", **tiny["imagereward"], dtype=dtype)
+    model = reward.fn.args[0]
+    assert model.vision.embeddings.patch_embedding.weight.dtype == getattr(torch, dtype)
+    assert {p.dtype for p in model.mlp.parameters()} == {torch.float32}
+    stored = reward(images, CAPTIONS)
+    assert stored.dtype == torch.float32
+    torch.testing.assert_close(stored, reference, atol=0.01, rtol=0)
 
 
 def test_imagereward_pairs_image_i_with_caption_i(tiny, images):

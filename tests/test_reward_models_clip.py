@@ -83,20 +83,66 @@ def test_clip_pixels_is_bicubic_resize_centre_crop_normalise():
     torch.testing.assert_close(rewards.clip_pixels([x]), (expect - mean) / std)
 
 
-def test_clip_pixels_agree_with_the_transformers_processor():
-    """Same pixels as CLIPImageProcessor on the PIL image, up to PIL's bicubic vs torch's and uint8 rounding (sizes
-    chosen so that the resized side is a whole number: libraries truncate it, resize_center_crop rounds it)."""
+def test_resize_center_crop_is_torchvisions_resize_then_center_crop():
+    """Exactly torchvision's Resize(224) + CenterCrop(224) on a float tensor (open_clip's and BLIP's eval geometry):
+    the longer side truncated to int(224 * long / short), the crop offset rounded (375x500 -> 298.67 -> 298;
+    225x301 -> 299, offset 37.5 -> 38)."""
+    import torchvision.transforms.functional as TF
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(300, 400), (480, 640), (1000, 333), (375, 500), (225, 301), (64, 80), (224, 224), (500, 224)]:
+        x = torch.rand(3, h, w, generator=g)
+        ref = TF.center_crop(TF.resize(x, 224, TF.InterpolationMode.BICUBIC, antialias=True), 224).clamp(0, 1)
+        torch.testing.assert_close(rewards.resize_center_crop([x], 224)[0], ref, rtol=0, atol=1e-6)
+
+
+def _smooth_photo(g, h, w):
+    """A smooth random image exactly representable in uint8, as a tensor and as a PIL image."""
     from PIL import Image
+    x = F.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=(h, w), mode="bilinear")[0]
+    x = (x * 255).round() / 255
+    return x, Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def test_clip_pixels_agree_with_open_clip_and_the_transformers_processor():
+    """Same pixels as open_clip's eval transform and CLIPImageProcessor on the PIL image, up to PIL's bicubic vs
+    torch's and uint8 rounding, on square and non-square images (upscaled and downscaled). CLIPImageProcessor floors
+    the crop offset where torchvision rounds it: at 225x301 (offset 37.5) the two are a pixel apart, so it is
+    compared with open_clip only."""
     from transformers import CLIPImageProcessor
+    transform = open_clip.image_transform(224, is_train=False, mean=rewards.CLIP_MEAN, std=rewards.CLIP_STD)
     g = torch.Generator().manual_seed(2)
-    for h, w in [(120, 180), (400, 600)]:  # an upscale and a downscale
-        x = F.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=(h, w), mode="bilinear")[0]  # smooth image
-        x = (x * 255).round() / 255  # exactly representable in uint8
-        pil = Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy())
-        ref = CLIPImageProcessor()(pil, return_tensors="pt")["pixel_values"]
+    for h, w in [(120, 180), (400, 600), (300, 400), (480, 640), (1000, 333), (375, 500), (225, 301), (512, 512)]:
+        x, pil = _smooth_photo(g, h, w)
         ours = rewards.clip_pixels(x[None])
-        assert ours.shape == ref.shape == (1, 3, 224, 224)
-        assert (ours - ref).abs().mean() < 0.01 and (ours - ref).abs().max() < 0.03  # normalised units (~1/255 = 0.015)
+        refs = [transform(pil)[None]]
+        if (h, w) != (225, 301):
+            refs.append(CLIPImageProcessor()(pil, return_tensors="pt")["pixel_values"])
+        for ref in refs:
+            assert ours.shape == ref.shape == (1, 3, 224, 224)
+            # normalised units (1/255 = 0.015); a crop one pixel off gives a mean difference of ~0.03 here
+            assert (ours - ref).abs().mean() < 0.01 and (ours - ref).abs().max() < 0.05, (h, w)
+
+
+def test_hpsv2_letterbox_is_the_hpsv2_packages_transform():
+    """resize_letterbox is ResizeMaxSize as the hpsv2 package runs it (on the ToTensor output: torchvision's tensor
+    resize of the longer side to 224, the other round(side * scale), zero padding, left/top floored), exactly; and
+    matches open_clip's own longest-side eval transform on the PIL image up to PIL's bicubic and uint8 rounding."""
+    import torchvision.transforms.functional as TF
+    transform = open_clip.image_transform(224, is_train=False, mean=rewards.CLIP_MEAN, std=rewards.CLIP_STD,
+                                          resize_mode="longest", fill_color=0)
+    g = torch.Generator().manual_seed(4)
+    for h, w in [(300, 400), (1000, 333), (48, 64), (225, 301), (224, 100)]:
+        x, pil = _smooth_photo(g, h, w)
+        scale = 224 / max(h, w)
+        nh, nw = round(h * scale), round(w * scale)
+        resized = TF.resize(x, [nh, nw], TF.InterpolationMode.BICUBIC, antialias=True) if (nh, nw) != (h, w) else x
+        left, top = (224 - nw) // 2, (224 - nh) // 2
+        ref = TF.pad(resized, [left, top, 224 - nw - left, 224 - nh - top])
+        ours = rewards.resize_letterbox([x], 224)[0]
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+        assert ours[:, :, :left].eq(0).all() and ours[:, :top].eq(0).all() and (left or top)  # black bars
+        pixels = rewards.clip_pixels(x[None], resize=rewards.resize_letterbox)
+        assert (pixels - transform(pil)[None]).abs().mean() < 0.01, (h, w)
 
 
 # ---- round trips in the original layouts, strict keys, normalisation ------------------------------------------
@@ -121,15 +167,23 @@ def _open_clip_round_trip(name, tmp_path, config):
 def test_open_clip_rewards_round_trip_and_stored_values(name, tmp_path, tiny_config, images):
     model, head, options = _open_clip_round_trip(name, tmp_path, tiny_config)
     reward = rewards.load_reward(name, **options)
-    with torch.no_grad():
-        img = unit(model.encode_image(rewards.clip_pixels(images)))
-        txt = unit(model.encode_text(open_clip.get_tokenizer(tiny_config.stem)(CAPTIONS)))
-        # stored values: clip and hpsv2 the raw cosine (= logits / 100), aesthetic the MLP's rating / 10
-        expect = head(img) / 10 if name == "aesthetic" else (img * txt).sum(-1)
+
+    def expected(resize):
+        with torch.no_grad():
+            img = unit(model.encode_image(rewards.clip_pixels(images, resize=resize)))
+            txt = unit(model.encode_text(open_clip.get_tokenizer(tiny_config.stem)(CAPTIONS)))
+            # stored values: clip and hpsv2 the raw cosine (= logits / 100), aesthetic the MLP's rating / 10
+            return head(img) / 10 if name == "aesthetic" else (img * txt).sum(-1)
+    # HPSv2 scores the whole image, letterboxed (the hpsv2 package's transform); the others a centre crop
+    resize, other = rewards.resize_center_crop, rewards.resize_letterbox
+    if name == "hpsv2":
+        resize, other = other, resize
     scores = reward(images, CAPTIONS)
     assert scores.dtype == torch.float32 and scores.shape == (len(CAPTIONS),)
-    torch.testing.assert_close(scores, expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores, expected(resize), rtol=0, atol=1e-6)
+    assert (scores - expected(other)).abs().max() > 1e-5  # 10x the tolerance: on 48x64 images the two differ
     if name == "aesthetic":  # the head really is the LAION MLP: purely linear, so one affine map
+        img = unit(model.encode_image(rewards.clip_pixels(images))).detach()
         w = head.layers[7].weight @ head.layers[6].weight @ head.layers[4].weight @ head.layers[2].weight \
             @ head.layers[0].weight
         torch.testing.assert_close(head(img), (img @ w.T).squeeze(-1) + head(torch.zeros(1, 768)), atol=1e-5, rtol=0)
@@ -240,9 +294,9 @@ def test_option_errors_are_clear_and_offline(tmp_path, tiny_config):
         rewards.load_reward("pickscore", chekpoint="x")
     with pytest.raises(ValueError, match="non-commercial.*trust_remote_code=1"):
         rewards.load_reward("clip", backend="jina")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="backend must be openai or jina, got 'siglip'"):
         rewards.load_reward("clip", backend="siglip")
-    with pytest.raises(ValueError, match="unknown version"):
+    with pytest.raises(ValueError, match="version must be 2.1 or 2.0"):
         rewards.load_reward("hpsv2", version="3")
     with pytest.raises(FileNotFoundError):
         rewards.load_reward("hpsv2", checkpoint=str(tmp_path / "missing.pt"), model_config=str(tiny_config))

@@ -173,6 +173,63 @@ def test_reward_interface_and_registry():
         rewards.load_reward("aesthetic_typo")
 
 
+def test_rewards_reject_images_in_another_convention():
+    """uint8, 0-255 and [-1, 1] images are errors, not clamped into garbage (0-255 would score as all white);
+    overshoot within RANGE_SLACK (float error, bicubic ringing) is clamped as before."""
+    images, _, _ = clean_scenes(2)
+    x, captions = to_batch(images), ["a photo of a circle"] * 2
+    r = rewards.load_reward("contrast")
+    uint8, outside = "must be float in \\[0, 1\\], got torch.uint8", "must be in \\[0, 1\\], got values in"
+    for images, match in [((x * 255).round().byte(), uint8), (x * 255, outside), (x * 2 - 1, outside)]:
+        with pytest.raises(ValueError, match="contrast: images " + match):
+            r(images, captions)
+    ragged = rewards.Reward("mean", lambda images, captions: torch.stack([i.mean() for i in images]), ragged=True)
+    for images, match in [([x[0], (x[1, :, :20] * 255).byte()], uint8), ([x[0], x[1, :, :20] * 255], outside)]:
+        with pytest.raises(ValueError, match="mean: images " + match):  # each image of a list is checked
+            ragged(images, captions)
+    overshoot = x.clone()
+    overshoot[0, 0, 0, 0], overshoot[1, 0, 0, 0] = 1.3, -0.3  # ringing around an edge
+    assert torch.equal(r(overshoot, captions), r(overshoot.clamp(0, 1), captions))
+    for images, caps in [(x.numpy(), captions), (x, "ab")]:  # an array; a string (2 letters, not 2 captions)
+        with pytest.raises(ValueError, match="a list of tensors and captions as a list of strings"):
+            r(images, caps)
+    assert r(x[:0], []).shape == (0,)  # an empty batch is fine
+
+
+def test_reward_options_are_checked_when_parsed():
+    """Every learned reward's options are known up front (REWARD_OPTIONS): a typo or a bad value fails when the
+    command is parsed, with the same one-line error the reward's loader gives (before downloading anything),
+    instead of hours into a run when that reward loads."""
+    names = ["alignment", "clip", "aesthetic", "hpsv2", "pickscore", "sciscore", "imagereward", "vqascore",
+             "shapes_clip"]
+    assert set(rewards.REWARD_OPTIONS) == set(names) - {"alignment"}  # each learned reward declares its options
+    bad = {"clip.chekpoint=/x.pt": "clip: unknown option(s) chekpoint; known: backend, checkpoint, model_config",
+           "vqascore.varient=xl": "vqascore: unknown option(s) varient; known: variant, checkpoint",
+           "vqascore.variant=xxxl": "vqascore: variant must be xxl or xl, got 'xxxl'",
+           "vqascore.batch=0": "vqascore: batch must be a positive integer, got '0'",
+           "vqascore.batch=two": "vqascore: batch must be a positive integer, got 'two'",
+           "imagereward.dtype=bf16": "imagereward: dtype must be float32 or bfloat16 or float16, got 'bf16'",
+           "hpsv2.version=3": "hpsv2: version must be 2.1 or 2.0, got '3'",
+           "clip.precision=fp16": "clip: precision must be bf16 or fp32, got 'fp16'",
+           "shapes_clip.ckpt=x": "shapes_clip: unknown option(s) ckpt; known: checkpoint",
+           "alignment.size=3": "reward 'alignment' does not take ['size']"}
+    for spec, message in bad.items():
+        with pytest.raises(ValueError) as e:
+            rewards.parse_reward_options([spec], names)
+        assert message in str(e.value) and "\n" not in str(e.value), spec
+        name, _, kv = spec.partition(".")
+        if name in rewards.REWARD_OPTIONS:  # the loader's own check, before any download: the same message
+            with pytest.raises(ValueError) as e:
+                rewards.load_reward(name, **dict([kv.split("=")]))
+            assert message in str(e.value), spec
+    good = ["clip.precision=fp32", "vqascore.variant=xl", "vqascore.batch=4", "vqascore.dtype=bfloat16",
+            "imagereward.dtype=float16", "hpsv2.version=2.0", "pickscore.processor=/p"]
+    assert rewards.parse_reward_options(good, names) == {
+        "clip": {"precision": "fp32"}, "vqascore": {"variant": "xl", "batch": "4", "dtype": "bfloat16"},
+        "imagereward": {"dtype": "float16"}, "hpsv2": {"version": "2.0"}, "pickscore": {"processor": "/p"}}
+    assert rewards._reward_options("vqascore", {"batch": "4"})["batch"] == 4  # parsed once, for the factory
+
+
 @pytest.mark.parametrize("reward,kinds", [("sharpness", ["blur"]), ("cleanliness", ["noise", "jpeg", "clutter"]),
                                           ("contrast", ["low_contrast"])])
 def test_quality_rewards_rank_clean_above_degraded(reward, kinds):
