@@ -496,12 +496,18 @@ def make_sample(index: int, cfg: WorldConfig) -> dict:
 
 
 def _atomic_write(path: Path, write):
-    """write(file) to a temporary file, then rename it over path (readers never see a half-written file). The
-    temporary name carries the process id, so two processes writing the same file never clobber each other's."""
+    """write(file) to a temporary file, fsync it, then rename it over path (readers never see a half-written file,
+    nor a crash a torn one). The temporary name carries the process id, so two processes writing the same file
+    never clobber each other's; a failed write removes it."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_shapes_dataset(cfg: WorldConfig, out_dir=None) -> Path:

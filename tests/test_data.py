@@ -338,3 +338,17 @@ def test_preview_writes_png(tmp_path, capsys):
     data.preview(data.WorldConfig(), str(tmp_path / "grid.png"), n=4, cols=2)
     assert (tmp_path / "grid.png").stat().st_size > 1000
     assert data.make_sample(0, data.WorldConfig())["caption"] in capsys.readouterr().out
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "table.json"
+    data._atomic_write(path, lambda f: f.write(b"old"))
+    data._atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        data._atomic_write(path, fails)
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.json"]
