@@ -1052,9 +1052,9 @@ def shuffled(items, buffer_size: int, rng: np.random.Generator):
 
 class RecordDataset(torch.utils.data.IterableDataset):
     """Training items (image float32 (3,S,S) in [-1,1], caption, rewards float32 (R,) in [0,1], (key, caption field))
-    streamed from any
-    record source (`open_dataset`) for one rank. Each DataLoader worker reads its own share (`iter_records`), so
-    an epoch yields every usable sample exactly once over all ranks and workers. Epoch e (`set_epoch`) permutes
+    streamed from any record source (`open_dataset`) for one rank. Each DataLoader worker reads its own share
+    (`iter_records`), so an epoch yields every usable sample exactly once over all ranks and workers (stream_batches
+    then drops each worker's last partial batch). Epoch e (`set_epoch`) permutes
     indexed sources and the shard order with seed [seed, resume, e]; shuffle_buffer > 1 also mixes within shards.
 
     rewards: a RewardTable, or None (rewards are (0,) tensors). missing_rewards: "skip" (a sample without every
@@ -1101,7 +1101,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
     def _item(self, record: Record, rng: np.random.Generator):
         if record.error:
             return None
-        synthetic = rng.random() < self.synthetic_caption_prob  # drawn for every record: a reproducible stream
+        synthetic = rng.random() < self.synthetic_caption_prob  # drawn for every usable record: reproducible
         field = SYNTHETIC if synthetic and record.captions.get(SYNTHETIC) else "caption"
         values = np.zeros(0, np.float32)
         if self.rewards is not None:
@@ -1118,8 +1118,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
 
 
 def stream_batches(dataset: RecordDataset, batch_size: int, num_workers: int = 0, resume: int = 0):
-    """Endless batches (images, captions, rewards, sources) of a RecordDataset, epoch after epoch, one DataLoader pass each
-    (each worker drops its last partial batch). resume: the step a resumed run restarts at; its epochs come
+    """Endless batches (images, captions, rewards, sources) of a RecordDataset, epoch after epoch, one DataLoader
+    pass each (each worker drops its last partial batch). resume: the step a resumed run restarts at; its epochs come
     from a seed stream of their own, so it reads fresh, reproducible permutations instead of the rest of the
     interrupted epoch (a stream's position within an epoch is not stored)."""
     epoch = 0
