@@ -169,8 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default="runs", help="folder holding the run folders")
     p.add_argument("--resume", default=None,
                    help="run folder (or ckpt.pt) to continue as it was trained (its preset, rewards, seed, data and "
-                        "optimisation settings); flags may change only --steps and the logging / checkpoint / "
-                        "preview / NaN bookkeeping")
+                        "optimisation settings); flags may change only --steps, --grad-accum, --cfg, --data's path "
+                        "and the logging / checkpoint / preview / NaN bookkeeping")
     p.add_argument("--no-rewards", action="store_true", help="train the baseline: same network, no reward tokens")
     p.add_argument("--rewards", default=None,
                    help="comma-separated rewards to condition on (default: the seven of the paper for --preset "
