@@ -848,9 +848,15 @@ def _chunk_keys(path):
         return json.loads(f.metadata()["keys"])
 
 
+def cached_keys(root) -> set[str]:
+    """Every key stored in the cache folder's chunk files (what a rerun skips)."""
+    return {k for name in _chunk_names(root) for k in _chunk_keys(Path(root) / name)}
+
+
 def merge_cache_index(root):
-    """Write index.npy (sorted utf-8 keys, chunk, row) and index.json (the chunk names) over every chunk file;
-    ValueError if a key is stored twice."""
+    """Write index.npy (sorted utf-8 keys, chunk, row) and index.json (the chunk names) over every chunk file. A key
+    stored twice (a dataset whose keys are not unique across shards, which data.py asks them to be) keeps its copy
+    in the first chunk by name, with a warning; returns the number of such keys."""
     from data import _atomic_write
     root = Path(root)
     chunks = _chunk_names(root)
@@ -863,16 +869,22 @@ def merge_cache_index(root):
     encoded = np.array([k.encode() for k in keys] or [b""])[: len(keys)]
     index = np.empty(len(keys), dtype=[("key", encoded.dtype), ("chunk", "<i4"), ("row", "<i8")])
     index["key"], index["chunk"], index["row"] = encoded, chunk_ids, rows
-    index.sort(order="key")
-    twice = np.flatnonzero(index["key"][1:] == index["key"][:-1])
-    if len(twice):
-        raise ValueError(f"{root}: key {index['key'][twice[0]].decode()!r} is stored in two chunks")
+    index.sort(order=["key", "chunk"], kind="stable")
+    again = np.flatnonzero(index["key"][1:] == index["key"][:-1]) + 1  # a key's later copies
+    if len(again):
+        print(f"warning: {root}: {len(again)} key(s) stored twice (e.g. {index['key'][again[0]].decode()!r}): the "
+              f"dataset's keys are not unique; the first chunk's copy is kept", flush=True)
+        index = np.delete(index, again)
     _atomic_write(root / "index.npy", lambda f: np.save(f, index))
-    _atomic_write(root / "index.json", lambda f: f.write(json.dumps({"chunks": chunks, "count": len(keys)}).encode()))
+    _atomic_write(root / "index.json", lambda f: f.write(json.dumps({"chunks": chunks, "count": len(index)}).encode()))
+    return len(again)
 
 
 class ArrayCache:
-    """Reads a cache folder: .meta, len(), key in cache, items(keys) -> list of float32 tensors (len_i, ...)."""
+    """Reads a cache folder: .meta, len(), key in cache, items(keys) -> list of float32 tensors (len_i, ...). At most
+    MAX_OPEN chunk files are held open (memory-mapped) per process, the least recently used closed first: a 16M-image
+    cache has thousands of chunks, more than the kernel's map count allows."""
+    MAX_OPEN = 256
 
     def __init__(self, root):
         self.root = Path(root)
@@ -885,7 +897,7 @@ class ArrayCache:
             raise ValueError(f"{self.root}: the index is missing or does not cover the chunk files; finish the "
                              f"precompute (rank 0 merges the index at the end) or call merge_cache_index")
         self.index = np.load(self.root / "index.npy", mmap_mode="r")
-        self._open = {}  # chunk id -> (safetensors handle, offsets), opened lazily in each process
+        self._open = {}  # chunk id -> (safetensors handle, offsets), opened lazily in each process, in use order
 
     def __getstate__(self):  # dataloader workers open their own handles
         return {**self.__dict__, "_open": {}}
@@ -909,11 +921,15 @@ class ArrayCache:
         for key in keys:
             found = self._find(key)
             if found is None:
-                raise KeyError(f"key {key!r} is not in the cache {self.root}")
+                raise KeyError(f"key {key!r} is not in the cache {self.root}: it was made for other data (another "
+                               f"dataset or --min-image-size?); run model.py precompute on this --data again")
             c, row = found
             if c not in self._open:
+                if len(self._open) >= self.MAX_OPEN:
+                    del self._open[next(iter(self._open))]  # the least recently used
                 f = safe_open(self.root / self.chunks[c], "pt")
                 self._open[c] = (f, f.get_tensor("offsets").tolist())
+            self._open[c] = self._open.pop(c)  # most recently used last
             f, offsets = self._open[c]
             out.append(f.get_slice("data")[offsets[row]: offsets[row + 1]].float())
         return out
@@ -974,9 +990,13 @@ def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_si
             raise ValueError(f"{root} holds another cache (cached, wanted): {diff}")
     elif rank == 0:
         _atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    done = {k for name in _chunk_names(root) for k in _chunk_keys(root / name)}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.barrier()  # every rank reads what is done before any rank writes a new chunk
+    done = cached_keys(root)
     prefix = f"chunk-{world_size}x{rank:04d}-"
-    n_chunks = sum(name.startswith(prefix) for name in _chunk_names(root))
+    n_chunks = 1 + max((int(name[len(prefix):].split(".")[0]) for name in _chunk_names(root)
+                        if name.startswith(prefix)), default=-1)  # after the last, even if one was deleted
     mine = (r for i, r in enumerate(records) if (not split or i % world_size == rank) and r[0] not in done)
     keys, items, written = [], [], 0
     while True:
@@ -996,7 +1016,7 @@ def precompute_cache(root, records, encode, meta, rank=0, world_size=1, batch_si
             del keys[:chunk_size], items[:chunk_size]
         if not batch:
             break
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         torch.distributed.barrier()
     if rank == 0:
         merge_cache_index(root)
@@ -1048,9 +1068,9 @@ def precompute(args):
                                                 args.vae_option), device)
     source = data.open_dataset(args.data, min_size=args.min_image_size)
 
-    def records(what):  # this rank's usable records, with a progress bar on rank 0
-        for record in tqdm(source.iter_records(rank, world_size), desc=f"{what} (rank 0's share)", disable=rank > 0,
-                           unit="img"):
+    def records(what, skip=()):  # this rank's usable records, with a progress bar on rank 0
+        for record in tqdm(source.iter_records(rank, world_size, skip=skip), desc=f"{what} (rank 0's share)",
+                           disable=rank > 0, unit="img"):
             if record.error:
                 continue
             if what == "text":
@@ -1065,7 +1085,9 @@ def precompute(args):
         n = precompute_text_embeddings(out / "text", records("text"), text_encoder, **options)
         print(f"rank {rank}: {n} captions encoded into {out / 'text'}", flush=True)
     if vae is not None:
-        n = precompute_latents(out / "latents", records("latents"), vae, args.image_size, seed=args.seed, **options)
+        done = cached_keys(out / "latents")  # a rerun decodes only the images it still encodes
+        n = precompute_latents(out / "latents", records("latents", done), vae, args.image_size, seed=args.seed,
+                               **options)
         print(f"rank {rank}: {n} images encoded into {out / 'latents'}", flush=True)
     if world_size > 1:
         torch.distributed.destroy_process_group()

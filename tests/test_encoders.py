@@ -7,6 +7,7 @@ tokenizers-backed T5Tokenizer built from a tiny Unigram vocabulary (no sentencep
 with open_clip. The tiny models are built by conftest.py's fixtures.
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -155,6 +156,30 @@ def test_text_cache_equals_on_the_fly_and_resumes(t5, tmp_path):
         cache(["nope"])
     with pytest.raises(ValueError, match="another cache"):  # other settings never mix into one folder
         M.precompute_text_embeddings(root, records, t5, dtype=torch.bfloat16)
+    # A lost chunk in the middle: the rerun writes after the last one, never over a good one.
+    middle = sorted(root.glob("chunk-2x0000-*.safetensors"))[0]
+    lost_keys = M._chunk_keys(middle)
+    middle.unlink()
+    assert M.precompute_text_embeddings(root, records, t5, rank=0, world_size=2, chunk_size=3) == len(lost_keys)
+    assert len(M.TextEmbeddingCache(root).cache) == 12
+
+
+def test_cache_keeps_one_copy_of_a_duplicated_key_and_bounds_open_chunks(tmp_path, capsys):
+    """Keys not unique across a dataset's shards reach two ranks: the index keeps the first chunk's copy (rank 0's
+    here) with a warning, the same on every run; a reader holds at most MAX_OPEN chunk files open."""
+    records = [("a", 1.0), ("dup", 2.0), ("dup", 3.0), ("b", 4.0), ("c", 5.0), ("d", 6.0)]
+    encode = lambda keys, items: [torch.full((1, 2), x) for x in items]  # noqa: E731
+    for rank in (1, 0):  # rank 0 takes a, dup=3, c; rank 1 dup=2, b, d; both at once, as under torchrun
+        M.precompute_cache(tmp_path / f"rank{rank}", records, encode, {"kind": "test"}, rank=rank, world_size=2,
+                           chunk_size=1)
+    for chunk in [*tmp_path.glob("rank1/chunk-*"), *tmp_path.glob("rank0/*")]:
+        shutil.copy(chunk, tmp_path)
+    assert M.merge_cache_index(tmp_path) == 1 and "1 key(s) stored twice (e.g. 'dup')" in capsys.readouterr().out
+    cache = M.ArrayCache(tmp_path)
+    assert len(cache) == 5 and cache.items(["dup"])[0].tolist() == [[3.0, 3.0]]
+    cache.MAX_OPEN = 2
+    values = cache.items(["a", "b", "c", "d", "dup", "a"])
+    assert [v[0, 0].item() for v in values] == [1.0, 4.0, 5.0, 6.0, 3.0, 1.0] and len(cache._open) == 2
 
 
 def test_load_vae_names_and_options(vae_dir):
@@ -261,7 +286,7 @@ def test_train_resume_and_sample_with_frozen_t5_and_sdxl_vae(t5_dir, vae_dir, tm
     assert result and all(0 <= v["mean"] <= 1 for v in result.values())
 
 
-def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_dir, vae_dir, tmp_path):
+def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_dir, vae_dir, tmp_path, capsys):
     """`model.py precompute` (one process, and two torchrun ranks for the text cache) fills the caches that
     train.ModelInputs reads in place of the encoders: the same text features and latents within fp16 rounding,
     dropped captions included; then train.py trains from them."""
@@ -277,8 +302,10 @@ def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_di
     text_flags = ["--text-encoder", "t5", "--text-encoder-option", f"source={t5_dir}",
                   "--text-encoder-option", "max_length=12"]
     vae_flags = ["--vae", "sdxl", "--vae-option", f"source={vae_dir}"]
-    M.main(["precompute", "--data", str(world), "--out", str(tmp_path / "cache"), *text_flags, *vae_flags,
-            "--image-size", "32", "--batch-size", "5"])
+    for run in ("first", "rerun"):  # the rerun finds everything cached
+        M.main(["precompute", "--data", str(world), "--out", str(tmp_path / "cache"), *text_flags, *vae_flags,
+                "--image-size", "32", "--batch-size", "5"])
+    assert "rank 0: 0 images encoded" in capsys.readouterr().out
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(M.__file__), "precompute", "--data", str(world), "--out", str(tmp_path / "two"),
                           *text_flags, "--batch-size", "5"], capture_output=True, text=True, timeout=300,
