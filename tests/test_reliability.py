@@ -128,6 +128,14 @@ def test_step_draws_depend_on_seed_and_step_only():
     assert [x.shape for x in a] == [(8,), (8, 3, 4, 4), (8,), (8, 2)]
 
 
+def test_step_draws_drop_text_and_rewards_at_their_rates():
+    """keep_text is True with probability 1 - text_dropout, drop_rewards with probability reward_dropout."""
+    tc = train.TrainConfig(text_dropout=0.3, reward_dropout=0.1)
+    _, _, keep_text, drop_rewards = train.step_draws(0, 0, 20_000, (1,), 3, tc)
+    assert abs(keep_text.float().mean().item() - 0.7) < 0.02
+    assert abs(drop_rewards.float().mean().item() - 0.1) < 0.01
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Crash safety: SIGKILL at random moments and mid-checkpoint, resumed again and again.
 

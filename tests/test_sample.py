@@ -68,9 +68,15 @@ def test_reward_targets():
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import sample  # noqa: E402
 from model import load_checkpoint, model_from_checkpoint  # noqa: E402
-from sample import best_of_n, generate  # noqa: E402
+from rewards import load_reward  # noqa: E402
+from sample import best_of_n, generate, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +143,72 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, run, flags, message):
     last_line = result.stderr.strip().splitlines()[-1]  # argparse: the usage, then one error line
     assert last_line.startswith("sample.py: error: ") and message in last_line, result.stderr
     assert "Traceback" not in result.stderr
+
+
+class ConstantVelocityModel:
+    """generate's model interface, stubbed: each row's velocity is its first reward target, whatever x and t."""
+    cfg = SimpleNamespace(reward_names=("a", "b"), in_channels=1, image_size=2)
+
+    def encode_condition(self, text, mask, rewards):
+        return rewards, mask
+
+    def denoise(self, x, t, cond, cond_mask):
+        return cond[:, :1, None, None].expand_as(x)
+
+
+def test_generate_guides_towards_the_positive_targets():
+    """generate = Euler on (1 + w) v(s_pos) - w v(s_neg): the positive half of the batched forward is v_pos."""
+    pos, neg = torch.tensor([[0.2, 1.0], [0.6, 1.0]]), torch.tensor([[0.1, 0.0], [0.0, 0.0]])
+    encoder = lambda captions: (torch.zeros(len(captions), 1, 1), torch.ones(len(captions), 1))  # noqa: E731
+    images = generate(ConstantVelocityModel(), encoder, ["x", "y"], pos, neg, cfg=2.0, steps=4, seed=5)
+    v = 3 * pos[:, 0] - 2 * neg[:, 0]  # (1 + w) v_pos - w v_neg with w = 2: 0.4 and 1.8
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(images, (noise - v.view(2, 1, 1, 1)).clamp(-1, 1), atol=1e-6)  # x0 = x1 - v
+
+
+@pytest.fixture
+def lively_run(tiny_runs, tmp_path):
+    """The tiny MIRO run with a random EMA output layer, so that images depend clearly on the reward targets."""
+    ckpt = load_checkpoint(tiny_runs / "miro" / "ckpt.pt")
+    w = ckpt["ema"]["final_layer.linear.weight"]
+    ckpt["ema"]["final_layer.linear.weight"] = 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    model, tokenizer = model_from_checkpoint(ckpt)
+    return tmp_path / "run", model, tokenizer
+
+
+def saved_images(out):
+    """The single images sample.py wrote beside the grid `out`, (N, H, W, 3) uint8."""
+    return np.stack([np.array(Image.open(p)) for p in sorted(out.with_suffix("").glob("*.png"))])
+
+
+PROMPT = "a photo of two red circles"
+
+
+def test_cli_samples_with_the_given_reward_targets(lively_run, tmp_path):
+    """--rewards sharpness=0: the saved images are generate's with that positive target (not the default ones)."""
+    run, model, tokenizer = lively_run
+    sample.main(["--ckpt", str(run), "--prompt", PROMPT, "--n", "2", "--steps", "3", "--seed", "1", "--cfg", "2",
+                 "--rewards", "sharpness=0", "--device", "cpu", "--out", str(tmp_path / "grid.png")])
+    R = len(model.cfg.reward_names)
+    pos = torch.ones(2, R)
+    pos[:, model.cfg.reward_names.index("sharpness")] = 0
+    wanted, default = (to_uint8(generate(model, tokenizer, [PROMPT] * 2, p, torch.zeros(2, R), cfg=2.0, steps=3,
+                                         seed=1)) for p in (pos, torch.ones(2, R)))
+    saved = saved_images(tmp_path / "grid.png")
+    assert np.array_equal(saved, wanted) and not np.array_equal(saved, default)
+
+
+def test_cli_best_of_keeps_the_candidate_the_reward_prefers(lively_run, tmp_path):
+    """--best-of 3 --select-by sharpness saves, per image, the sharpest of its 3 candidates (not simply the first)."""
+    run, model, tokenizer = lively_run
+    sample.main(["--ckpt", str(run), "--prompt", PROMPT, "--n", "2", "--steps", "3", "--seed", "0", "--cfg", "2",
+                 "--best-of", "3", "--select-by", "sharpness", "--device", "cpu", "--out", str(tmp_path / "grid.png")])
+    R = len(model.cfg.reward_names)
+    candidates = generate(model, tokenizer, [PROMPT] * 6, torch.ones(6, R), torch.zeros(6, R), cfg=2.0, steps=3,
+                          seed=0)
+    best, _ = best_of_n(candidates.view(2, 3, *candidates.shape[1:]), [PROMPT] * 2, load_reward("sharpness"))
+    saved = saved_images(tmp_path / "grid.png")
+    assert np.array_equal(saved, to_uint8(best))
+    assert not np.array_equal(saved, to_uint8(candidates[::3]))  # the first candidate is not always the best here

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import rewards
 import train
 from conftest import tiny_train_args
 from model import load_checkpoint
@@ -136,3 +138,22 @@ def test_each_rank_gets_its_own_gpu_and_the_backend_of_its_device():
         train.rank_device("cuda:1", 0, 2)
     with pytest.raises(ValueError, match="not a torch device"):
         train.rank_device("gpu", 0, 1)
+
+
+def test_the_model_is_fed_each_samples_binned_rewards(tiny_runs, tmp_path, monkeypatch):
+    """Training conditions each sample on its own reward bin values (the checkpoint's bins of its annotations)."""
+    seen_keys, seen_rewards = [], []
+    collate, loss = data.collate, train.flow_matching_loss
+    monkeypatch.setattr(data, "collate", lambda batch: seen_keys.append([s[3][0] for s in batch]) or collate(batch))
+    monkeypatch.setattr(train, "flow_matching_loss",
+                        lambda *a, **condition: seen_rewards.append(condition["rewards"]) or loss(*a, **condition))
+    data_dir = tiny_runs.parent / "data"
+    train.main(tiny_train_args(tmp_path / "runs", "--data-dir", str(data_dir), "--steps", "2"))
+    ckpt = load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")
+    names, bins = ckpt["config"]["reward_names"], rewards.RewardBins.from_dict(ckpt["bins"])
+    annotations = rewards.load_annotations(data_dir / rewards.ANNOTATIONS)
+    assert len(seen_keys) == len(seen_rewards) == 2
+    for keys, fed in zip(seen_keys, seen_rewards):
+        expected = torch.from_numpy(bins.values(data.sample_scores(annotations, keys, names)))
+        assert torch.equal(fed, expected)
+        assert len(fed.unique(dim=0)) > 1  # the values differ between samples
