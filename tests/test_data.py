@@ -312,6 +312,20 @@ def test_build_dataset_and_views(tmp_path):
         data.ImageTextSamples(out)
 
 
+def test_collate_keeps_each_caption_and_reward_with_its_image(tmp_path):
+    """Row i of a collated batch is one sample: its image, caption and rewards all belong to sources[i]'s key."""
+    samples = data.ImageTextSamples(data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), tmp_path))
+    ds = data.MiroDataset(samples, np.arange(24, dtype=np.float32).reshape(12, 2))  # rewards name their row
+    picks = [7, 2, 9, 4]
+    assert len({samples.captions[i] for i in picks}) == len(picks)  # distinct, so a shuffle would show
+    images, captions, rewards, sources = data.collate([ds[i] for i in picks])
+    row = {key: i for i, key in enumerate(samples.keys)}
+    for b, (key, field) in enumerate(sources):
+        i = row[key]
+        assert field == "caption" and i == picks[b] and captions[b] == samples.captions[i]
+        assert torch.equal(images[b], ds[i][0]) and rewards[b].tolist() == [2.0 * i, 2.0 * i + 1]
+
+
 def test_sharded_sampler_disjoint_covering_and_resume():
     for n in (96, 103):
         samplers = [data.ShardedSampler(n, 4, rank=r, world_size=3, seed=5) for r in range(3)]

@@ -252,6 +252,22 @@ def test_neg_prompt_reaches_the_negative_branch(tiny_runs, tmp_path):
     assert rewards["miro", None] != rewards["miro", ""]
 
 
+def test_every_image_of_an_evaluation_has_its_own_noise_seed(tiny_runs):
+    """Images of one prompt differ (diversity > 0), and image i is generated from seed * SEED_STRIDE + i whatever
+    batch it falls in."""
+    from sample import generate, open_checkpoint
+    _, ckpt, model, tok, _ = open_checkpoint(tiny_runs / "miro")
+    items = evaluate.repeat_prompts([{"prompt": "a photo of a red circle"}, {"prompt": "a photo of two squares"}], 2)
+    R, cfg = len(model.cfg.reward_names), ckpt["sampling"]["cfg"]
+    pos, neg = torch.ones(1, R), torch.zeros(1, R)
+    rows = evaluate.sample_and_judge(model, tok, items, pos, neg, cfg, evaluate.Judges({}), steps=2, seed=1,
+                                     batch_size=3)
+    f = torch.tensor([r["features"] for r in rows])
+    assert (torch.cdist(f, f) + torch.eye(4)).min() > 1e-3 and evaluate.diversity(rows, items) > 1e-3
+    last = generate(model, tok, [items[3]["prompt"]], pos, neg, cfg=cfg, steps=2, seeds=[evaluate.SEED_STRIDE + 3])
+    torch.testing.assert_close(evaluate.pixel_features((last + 1) / 2)[0], f[3])
+
+
 class ReadsRewardAndCaption(torch.nn.Module):
     """A velocity model that uses reward 0 and the caption (a number), ignores reward 1, x and t: its prediction is
     exact for images made as below, so shuffling what it uses must raise the loss and nothing else may."""
@@ -282,13 +298,29 @@ def test_condition_usage_is_the_loss_rise_of_each_shuffled_input():
 
 
 def test_usage_on_trained_runs(tiny_runs, tmp_path):
+    """On all 48 training samples, the reported loss is condition_usage's on those images, captions and the
+    checkpoint's binned annotation scores: the model was fed the right images, captions and rewards."""
+    import rewards
+    from sample import open_checkpoint
+    data_dir = tiny_runs.parent / "data"
+    samples = data.ImageTextSamples(data_dir)
+    annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
+    images = samples.images_01(list(range(len(samples)))) * 2 - 1
     for run, inputs in (("miro", {"alignment", "sharpness", "cleanliness", "contrast", "caption"}),
                         ("baseline", {"caption"})):
-        res = run_eval("usage", "--ckpt", str(tiny_runs / run), "--samples", "16", "--out", str(tmp_path / run))
+        res = run_eval("usage", "--ckpt", str(tiny_runs / run), "--samples", "48", "--out", str(tmp_path / run))
         assert res.returncode == 0, res.stderr[-2000:]
         out = json.loads((tmp_path / run / "usage.json").read_text())
-        assert set(out["increase"]) == inputs and out["samples"] == 16 and out["loss"] > 0
-        assert all(abs(v) < 10 for v in out["increase"].values())
+        assert set(out["increase"]) == inputs and out["samples"] == len(samples) == 48
+        assert out["data_dir"] == str(data_dir)
+        assert all(math.isfinite(v) for v in out["increase"].values())
+        _, ckpt, model, tok, _ = open_checkpoint(tiny_runs / run)
+        names = list(model.cfg.reward_names)
+        scores = {n: [annotations[k][n] for k in samples.keys] for n in names}
+        values = rewards.RewardBins.from_dict(ckpt["bins"]).values(scores) if names else torch.zeros(48, 0)
+        expected = evaluate.condition_usage(model, tok, images, samples.captions, values, names,
+                                            ckpt["train"]["time_sampling"])
+        assert out["loss"] == pytest.approx(expected["loss"], rel=1e-6) and out["loss"] > 0
     res = run_eval("usage", "--ckpt", str(tiny_runs / "miro"), "--data-dir", str(tmp_path / "nowhere"),
                    "--out", str(tmp_path))
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -3,8 +3,10 @@ import dataclasses
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from model import MIRO, WordTokenizer, count_parameters, get_config
@@ -118,6 +120,53 @@ def test_input_shape_errors():
     with pytest.raises(ValueError, match="from encode_condition"):
         model.denoise(x, t, cond[:2], cond_mask[:2])  # a condition of another batch
     assert model(x, t, text[:, :3], mask[:, :3], rewards).shape == x.shape  # shorter text is fine
+
+
+# ----------------------------------------------------------------------------- embedders and blocks against references
+
+def test_timestep_embedder_features_are_dit_sinusoids_of_1000_t():
+    """The MLP input is [cos(1000 t f_k), sin(1000 t f_k)] with f_k = 10000^(-k / half), as DiT's."""
+    emb, seen = M.TimestepEmbedder(8, freq_dim=16), []
+    emb.mlp.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    t = torch.tensor([0.0, 0.0123, 0.5, 1.0])
+    emb(t)
+    k = torch.arange(8, dtype=torch.float64)
+    args = 1000 * t.double()[:, None] * 10000 ** (-k / 8)
+    torch.testing.assert_close(seen[0].double(), torch.cat([args.cos(), args.sin()], 1), rtol=0, atol=1e-4)
+
+
+def test_sincos_pos_embed_matches_a_numpy_reference():
+    """Token n = (row i, column j) of the grid: [sin(i w), cos(i w), sin(j w), cos(j w)], w_k = 10000^(-k / (D/4)).
+    (MAE/DiT put the column half first: a fixed channel permutation, the same information.)"""
+    grid, dim = 3, 8
+    w = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    ref = np.array([np.concatenate([np.sin(i * w), np.cos(i * w), np.sin(j * w), np.cos(j * w)])
+                    for i in range(grid) for j in range(grid)])
+    out = M.sincos_pos_embed(grid, dim)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
+    assert len(set(map(tuple, out.tolist()))) == grid * grid  # every position distinct
+
+
+@pytest.mark.parametrize("rmsnorm", [True, False])
+def test_dit_block_matches_a_hand_written_adaln_zero_block(rmsnorm):
+    """Each of the 6 adaLN chunks (shift, scale, gate of the attention, then of the MLP) modulates its own branch."""
+    model = make_model(nonzero=True, rmsnorm=rmsnorm)
+    block, D = model.blocks[0], model.cfg.width
+    with torch.no_grad():
+        block.adaLN_modulation[1].weight.normal_(0.0, 0.5)  # chunks clearly different from one another
+    x, t, text, mask, rewards = make_inputs(model.cfg)
+    cond, cond_mask = model.encode_condition(text, mask, rewards)
+    h, c = model.x_embedder(x), model.t_embedder(t)
+
+    def norm(v):
+        return F.rms_norm(v, (D,), eps=1e-6) if rmsnorm else F.layer_norm(v, (D,), eps=1e-6)
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, None] for m in block.adaLN_modulation(c).chunk(6, dim=1))
+    ref = h + gate1 * block.attn(norm(h) * (1 + scale1) + shift1)
+    ref = ref + block.cross_attn(block.norm_cross(ref), cond, cond_mask)
+    ref = ref + gate2 * block.mlp(norm(ref) * (1 + scale2) + shift2)
+    torch.testing.assert_close(block(h, c, cond, cond_mask), ref)
 
 
 # ----------------------------------------------------------------------------- initialisation and gradients
