@@ -705,15 +705,16 @@ class RealSource:
     """What the real formats share: the screening settings and `stats`, the outcome counts of the records this
     process has yielded ({"ok": n, skip reason: n}); subclasses yield records through `_record`."""
 
-    def __init__(self, min_size: int = 0, max_pixels: int = MAX_PIXELS):
-        self.min_size, self.max_pixels = min_size, max_pixels
+    def __init__(self, min_size: int = 0, max_pixels: int = MAX_PIXELS, decode: bool = True):
+        self.min_size, self.max_pixels, self.decode = min_size, max_pixels, decode
         self.stats = dict.fromkeys(("ok", *SKIP_REASONS), 0)
 
     def _record(self, key: str, file, captions: dict, duplicate: bool = False) -> Record:
-        """A counted Record; `file` (a path or binary file object) is decoded only when the sample is otherwise good."""
+        """A counted Record; `file` (a path or binary file object) is decoded only when the sample is otherwise good
+        and the source decodes (decode=False: captions only, image None, the image unread and unscreened)."""
         captions = {f: t for f, t in captions.items() if f in CAPTION_FIELDS and t}
         image, error = None, ("duplicate" if duplicate else None if captions.get("caption") else "no_caption")
-        if error is None:
+        if error is None and self.decode:
             image, error = load_image(file, self.min_size, self.max_pixels)
         self.stats[error or "ok"] += 1
         return Record(key, image, captions, error)
@@ -871,14 +872,15 @@ class WebDatasetSource(RealSource):
                 seen.add(key)
 
 
-def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS):
+def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS, decode: bool = True):
     """A record source for the dataset at `path`, its format detected from what is there (see the module
     docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers, seed=None,
     skip=()) yielding each sample to exactly one of the world_size * num_workers consumers (seed: a shuffled order,
     the same seed on every consumer; skip: keys left out before their image is decoded, as rewards.annotate's
     resumes need), and __len__ where the size is known up front. min_size / max_pixels screen the images
-    of real formats. Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
-    screening = {"min_size": min_size, "max_pixels": max_pixels}
+    of real formats; decode=False reads a real format's captions only (every record's image None: a text-only
+    pass). Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
+    screening = {"min_size": min_size, "max_pixels": max_pixels, "decode": decode}
     text, path = str(path), Path(path)
     if re.search(r"\{\d+\.\.\d+\}", text):
         return WebDatasetSource([Path(p) for p in expand_braces(text)], **screening)

@@ -1056,7 +1056,9 @@ def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_siz
 
 def precompute(args):
     """Fill the text-embedding and/or latent cache of a dataset, alone or under torchrun (each rank encodes its
-    share of the records; rank 0 merges the index). Resumable: a rerun skips every key already cached."""
+    share of the records; rank 0 merges the index). Resumable: a rerun skips every key already cached. The text
+    pass reads captions only (no image is decoded, so it also caches the captions of samples whose images training
+    skips: unused entries); the latent pass decodes only the images it still has to encode."""
     import data
     rank, world_size = 0, 1
     if "RANK" in os.environ:  # torchrun: a long timeout, since ranks finish their shares at different times
@@ -1066,10 +1068,11 @@ def precompute(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
     text_encoder, vae = load_frozen(frozen_spec(args.text_encoder, args.text_encoder_option, args.vae,
                                                 args.vae_option), device)
-    source = data.open_dataset(args.data, min_size=args.min_image_size)
+    sources = {"text": data.open_dataset(args.data, decode=False),  # captions only: no image is decoded
+               "latents": data.open_dataset(args.data, min_size=args.min_image_size)}
 
     def records(what, skip=()):  # this rank's usable records, with a progress bar on rank 0
-        for record in tqdm(source.iter_records(rank, world_size, skip=skip), desc=f"{what} (rank 0's share)",
+        for record in tqdm(sources[what].iter_records(rank, world_size, skip=skip), desc=f"{what} (rank 0's share)",
                            disable=rank > 0, unit="img"):
             if record.error:
                 continue

@@ -266,6 +266,17 @@ def test_default_keys_and_bad_input_errors(tmp_path, samples):
     assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
 
 
+@pytest.mark.parametrize("fmt", ["folder", "csv", "one_tar"])
+def test_a_captions_only_pass_decodes_no_image(fmt, datasets, monkeypatch):
+    """decode=False (model.py precompute's text pass): the same keys and captions, and no image read."""
+    decoded = [(r.key, r.captions) for r in data.open_dataset(datasets[fmt]).iter_records()
+               if r.error in (None, "missing", "unreadable", "too_small", "too_large")]
+    monkeypatch.setattr(data, "load_image", lambda *a, **k: pytest.fail("an image was decoded"))
+    records = list(data.open_dataset(datasets[fmt], decode=False).iter_records())
+    assert all(r.image is None for r in records)
+    assert [(r.key, r.captions) for r in records if r.error is None] == decoded
+
+
 def test_a_truncated_shard_is_counted_and_the_rest_read(tmp_path, samples):
     good = [s for s in samples if s["expect"] is None]
     folder = write_shards(good, tmp_path / "shards", 2)
