@@ -278,6 +278,11 @@ RESUME_MAY_CHANGE = ("steps", "grad_accum", "log_every", "sample_every", "ckpt_e
                      "max_nan_skips", "cfg")  # TrainConfig fields a resumed run takes from the command line
 
 
+def _flag_value(value):
+    """A setting as its flag would spell it (reward names comma-separated, none for the baseline)."""
+    return (",".join(value) or "none") if isinstance(value, tuple) else value
+
+
 def resumed_settings(ckpt, args):
     """--resume: the TrainConfig and run-defining flags of the run in `ckpt`, as it was trained (args is filled in
     place). A flag given with --resume may change only RESUME_MAY_CHANGE (the length and the bookkeeping) and
@@ -298,8 +303,7 @@ def resumed_settings(ckpt, args):
     conflicts = [f"--{name.replace('_', '-')} {value} (the run's: {getattr(trained, name)})"
                  for name, value in args.given_train.items()
                  if name not in RESUME_MAY_CHANGE and value != getattr(trained, name)]
-    show = lambda v: ",".join(v) or "none" if isinstance(v, tuple) else v  # noqa: E731 (reward names)
-    conflicts += [f"--{name.replace('_', '-')} {show(value)} (the run's: {show(saved[name])})"
+    conflicts += [f"--{name.replace('_', '-')} {_flag_value(value)} (the run's: {_flag_value(saved[name])})"
                   for name, value in asked.items() if value is not None and value != saved[name]]
     if conflicts:
         raise ValueError(f"a resumed run keeps its settings, but {'; '.join(conflicts)}: train a new run instead")
