@@ -316,7 +316,7 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
         assert all(math.isfinite(v) for v in out["increase"].values())
         _, ckpt, model, tok, _ = open_checkpoint(tiny_runs / run)
         names = list(model.cfg.reward_names)
-        scores = {n: [annotations[k][n] for k in samples.keys] for n in names}
+        scores = data.sample_scores(annotations, samples.keys, names)  # as train.py reads them
         values = rewards.RewardBins.from_dict(ckpt["bins"]).values(scores) if names else torch.zeros(48, 0)
         expected = evaluate.condition_usage(model, tok, images, samples.captions, values, names,
                                             ckpt["train"]["time_sampling"])
