@@ -880,6 +880,13 @@ def merge_cache_index(root):
     return len(again)
 
 
+class CacheMiss(KeyError):
+    """A key that a cache folder does not hold: the cache was made for other data."""
+
+    def __str__(self):  # the message itself, not KeyError's repr of it
+        return str(self.args[0])
+
+
 class ArrayCache:
     """Reads a cache folder: .meta, len(), key in cache, items(keys) -> list of float32 tensors (len_i, ...). At most
     MAX_OPEN chunk files are held open (memory-mapped) per process, the least recently used closed first: a 16M-image
@@ -921,8 +928,8 @@ class ArrayCache:
         for key in keys:
             found = self._find(key)
             if found is None:
-                raise KeyError(f"key {key!r} is not in the cache {self.root}: it was made for other data (another "
-                               f"dataset or --min-image-size?); run model.py precompute on this --data again")
+                raise CacheMiss(f"key {key!r} is not in the cache {self.root}: it was made for other data (another "
+                                f"dataset or --min-image-size?); run model.py precompute on this --data again")
             c, row = found
             if c not in self._open:
                 if len(self._open) >= self.MAX_OPEN:
@@ -965,6 +972,7 @@ class LatentCache:
         if meta.get("kind") != "latent":
             raise ValueError(f"{root} is not a latent cache (kind {meta.get('kind')!r})")
         self.name, self.image_size, self.seed = meta["vae"], meta["image_size"], meta["seed"]
+        self.min_image_size = meta.get("min_image_size", 0)  # images smaller than this were not encoded
 
     def __call__(self, keys):
         return torch.cat(self.cache.items(keys))
@@ -1036,16 +1044,18 @@ def precompute_text_embeddings(root, records, encoder, rank=0, world_size=1, bat
 
 
 def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_size=1, batch_size=64,
-                       chunk_size=4096, dtype=torch.float16, split=True):
+                       chunk_size=4096, dtype=torch.float16, split=True, min_image_size=0):
     """Cache normalised SDXL latents for (key, image float (3, image_size, image_size) in [-1, 1]) records, each
-    sampled from its posterior with key_generator(key, seed) (so the same on any rank, batch or rerun)."""
+    sampled from its posterior with key_generator(key, seed) (so the same on any rank, batch or rerun).
+    min_image_size: the records' own filter (data.open_dataset's min_size), recorded so that a training run that
+    keeps smaller images is refused at its start rather than at the first image the cache lacks."""
     def encode(keys, images):
         x = torch.stack(images)
         if x.shape[-2:] != (image_size, image_size):
             raise ValueError(f"images must be {image_size}x{image_size}, got {tuple(x.shape[-2:])}")
         return list(vae.encode(x, [key_generator(k, seed) for k in keys])[:, None])  # (1, 4, h, w) each
     meta = {"kind": "latent", "vae": vae.name, "image_size": image_size, "seed": seed,
-            "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE}
+            "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE, "min_image_size": min_image_size}
     return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype, split)
 
 
@@ -1090,7 +1100,7 @@ def precompute(args):
     if vae is not None:
         done = cached_keys(out / "latents")  # a rerun decodes only the images it still encodes
         n = precompute_latents(out / "latents", records("latents", done), vae, args.image_size, seed=args.seed,
-                               **options)
+                               min_image_size=getattr(sources["latents"], "min_size", 0), **options)
         print(f"rank {rank}: {n} images encoded into {out / 'latents'}", flush=True)
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -40,9 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import kernels
 import rewards
-from model import (EMPTY_CAPTION_KEY, MIRO, PRESETS, LatentCache, ModelConfig, TextEmbeddingCache, WordTokenizer,
-                   adapt_config, add_frozen_args, count_parameters, frozen_spec, get_config, key_generator,
-                   load_checkpoint, load_frozen, save_checkpoint, trim_padding)
+from model import (EMPTY_CAPTION_KEY, MIRO, PRESETS, CacheMiss, LatentCache, ModelConfig, TextEmbeddingCache,
+                   WordTokenizer, adapt_config, add_frozen_args, count_parameters, frozen_spec, get_config,
+                   key_generator, load_checkpoint, load_frozen, save_checkpoint, trim_padding)
 from sample import generate, save_grid
 
 
@@ -343,10 +343,12 @@ class ModelInputs:
     text: the WordTokenizer's ids, or the frozen encoder's features cut to the batch's longest caption; a dropped
     caption is the empty one (EMPTY_CAPTION_KEY in a cache). images: pixels, or normalised VAE latents, each a
     posterior sample drawn with key_generator(key, seed), so a cached latent and one encoded now are the same sample.
+    A key that a cache lacks ends the run with a one-line error (its last checkpoint is kept); a latent cache made
+    with a larger --min-image-size than the run's, which would lack the small images, is refused at the start.
     """
 
     def __init__(self, tokenizer, text_encoder, vae, device, seed=0, text_cache=None, latent_cache=None,
-                 image_size=None):
+                 image_size=None, min_image_size=0):
         self.tokenizer, self.text_encoder, self.vae, self.device, self.seed = tokenizer, text_encoder, vae, device, seed
         self.text_cache = TextEmbeddingCache(text_cache) if text_cache else None
         self.latent_cache = LatentCache(latent_cache) if latent_cache else None
@@ -359,6 +361,11 @@ class ModelInputs:
             raise ValueError(f"--latent-cache {latent_cache} holds {self.latent_cache.name} latents of "
                              f"{self.latent_cache.image_size} px images (seed {self.latent_cache.seed}), not "
                              f"{vae.name} at {image_size} px (seed {seed})")
+        if self.latent_cache and self.latent_cache.min_image_size > min_image_size:
+            raise ValueError(f"--latent-cache {latent_cache} holds only images of at least "
+                             f"{self.latent_cache.min_image_size} px: train with --min-image-size "
+                             f"{self.latent_cache.min_image_size}, or precompute the cache with --min-image-size "
+                             f"{min_image_size}")
 
     def text(self, captions, sources, keep):
         """(text, mask) on the device for captions (list), their (key, field) sources and keep flags (bool (B,))."""
@@ -366,8 +373,8 @@ class ModelInputs:
         if self.text_encoder is None:
             ids, mask = self.tokenizer([c if k else "" for c, k in zip(captions, keep)])
         elif self.text_cache is not None:
-            ids, mask = trim_padding(*self.text_cache([data.text_key(*s) if k else EMPTY_CAPTION_KEY
-                                                       for s, k in zip(sources, keep)]))
+            ids, mask = trim_padding(*self._read(self.text_cache, [data.text_key(*s) if k else EMPTY_CAPTION_KEY
+                                                                   for s, k in zip(sources, keep)]))
         else:
             ids, mask = trim_padding(*self.text_encoder([c if k else "" for c, k in zip(captions, keep)]))
         return ids.to(self.device), mask.to(self.device)
@@ -378,8 +385,15 @@ class ModelInputs:
             return images
         keys = [key for key, _ in sources]
         if self.latent_cache is not None:
-            return self.latent_cache(keys)
+            return self._read(self.latent_cache, keys)
         return self.vae.encode(images, [key_generator(key, self.seed) for key in keys])
+
+    @staticmethod
+    def _read(cache, keys):
+        try:
+            return cache(keys)
+        except CacheMiss as e:  # hours into a run: say what is wrong, not where
+            raise SystemExit(f"error: {e} (the run stops; its last checkpoint is kept)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,7 +569,7 @@ def main(argv=None):
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
     try:
         inputs = ModelInputs(tokenizer, text_encoder, vae, device, args.seed, args.text_cache, args.latent_cache,
-                             pixel_size)
+                             pixel_size, args.min_image_size)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     torch.manual_seed(args.seed)

@@ -9,8 +9,10 @@ with open_clip. The tiny models are built by conftest.py's fixtures.
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import model as M
 
@@ -332,3 +334,36 @@ def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_di
     assert M.load_checkpoint(runs / "miro" / "ckpt.pt")["step"] == 2
     with pytest.raises(SystemExit):  # a latent cache of another posterior seed is refused
         train.main(tiny_train_args(runs, *text_flags, *vae_flags, *caches, "--seed", "1", "--name", "other"))
+
+
+def test_a_latent_cache_that_lacks_the_runs_images_is_a_one_line_error(vae, vae_dir, tmp_path, capsys):
+    """A cache made for other data stops the run at the first image it lacks (one line, the last checkpoint kept),
+    and one made with a larger --min-image-size than the run's is refused before training starts."""
+    import data
+    import train
+    from conftest import tiny_train_args
+    runs = tmp_path / "runs"
+    world = data.build_shapes_dataset(data.WorldConfig(image_size=32, num_train=48), tmp_path / "data")
+    samples = data.ImageTextSamples(world)
+    vae_flags = ["--vae", "sdxl", "--vae-option", f"source={vae_dir}"]
+    pixels = lambda i: torch.from_numpy(np.array(samples.images[i])).permute(2, 0, 1).float() / 127.5 - 1
+    M.precompute_latents(tmp_path / "part", [(samples.keys[i], pixels(i)) for i in range(10)], vae, image_size=32)
+    with pytest.raises(SystemExit, match="is not in the cache .*part.*last checkpoint is kept"):
+        train.main(tiny_train_args(runs, *vae_flags, "--latent-cache", str(tmp_path / "part")))
+    assert not (runs / "miro" / "ckpt.pt").exists()  # it stopped at its first batch, before any step
+
+    folder = tmp_path / "folder"  # a real format (the built-in world's images are not screened by size)
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.asarray(samples.images[i])).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(samples.captions[i])
+    M.main(["precompute", "--data", str(folder), "--out", str(tmp_path / "big"), *vae_flags, "--image-size", "32",
+            "--min-image-size", "33"])  # every 32-px image is below the minimum: nothing is cached
+    assert len(M.LatentCache(tmp_path / "big" / "latents").cache) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(["--preset", "tiny", "--runs-dir", str(runs), "--name", "small", "--data", str(folder),
+                    "--no-rewards", *vae_flags, "--latent-cache", str(tmp_path / "big" / "latents")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds only images of at least 33 px: train with --min-image-size 33" in err
+    assert "step " not in (runs / "small" / "log.txt").read_text()  # refused before training
