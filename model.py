@@ -409,13 +409,15 @@ class MIRO(nn.Module):
         cond, cond_mask = self.encode_condition(text, text_mask, rewards, drop_rewards)
         return self.denoise(x, t, cond, cond_mask)
 
-    def flops_per_image(self):
+    def flops_per_image(self, text_len=None):
         """Forward FLOPs for one image: every matrix multiply (linear layers, the patch projection, attention's
-        QK^T and AV) at 2 FLOPs per multiply-add, over the padded condition (M = registers + rewards +
-        max_text_len tokens); norms, softmax and elementwise ops are not counted. A training step is ~3x this,
-        and MFU = 3 * flops_per_image * images/s / peak FLOP/s (engineering.md's accounting, counted exactly)."""
+        QK^T and AV) at 2 FLOPs per multiply-add, over a condition of M = registers + rewards + text_len tokens
+        (default max_text_len, the padded condition; train.py trims frozen-encoder batches to their longest caption);
+        norms, softmax and elementwise ops are not counted. A training step is ~3x this, and MFU = 3 *
+        flops_per_image * images/s / peak FLOP/s (engineering.md's accounting, counted exactly)."""
         cfg = self.cfg
-        N, M = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_registers + len(cfg.reward_names) + cfg.max_text_len
+        L = cfg.max_text_len if text_len is None else text_len
+        N, M = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_registers + len(cfg.reward_names) + L
 
         def linears(module, tokens):  # multiply-adds of every nn.Linear in `module`, applied to `tokens` tokens
             return tokens * sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
@@ -423,7 +425,7 @@ class MIRO(nn.Module):
         def attention(queries, keys):  # QK^T and AV
             return 2 * queries * keys * cfg.width
 
-        macs = linears(self.text_embedder, cfg.max_text_len) + linears(self.reward_embedders, 1)
+        macs = linears(self.text_embedder, L) + linears(self.reward_embedders, 1)
         macs += linears(self.t_embedder, 1) + N * self.x_embedder.proj.weight.numel()
         for block in self.cond_blocks:
             macs += linears(block, M) + attention(M, M)

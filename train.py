@@ -23,6 +23,7 @@ run shards records per rank and draws fresh permutations on resume (data.stream_
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import itertools
 import math
@@ -154,9 +155,10 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def mfu_percent(model, images_per_s, peak):
-    """Model FLOPs utilisation in % of `peak`, for `images_per_s` training images per second on one device."""
-    return 100 * 3 * model.flops_per_image() * images_per_s / peak
+def mfu_percent(flops_per_image, images_per_s, peak):
+    """Model FLOPs utilisation in % of `peak`, for `images_per_s` training images per second on one device whose
+    forward costs `flops_per_image` (model.flops_per_image at the batches' text length)."""
+    return 100 * 3 * flops_per_image * images_per_s / peak
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -682,9 +684,10 @@ def main(argv=None):
         log(f"warning: --warmup {tc.warmup} >= --steps {tc.steps}: the learning rate never reaches its peak")
     log(f"training {tc.steps} steps, global batch {tc.batch_size} = {world_size} ranks x {tc.grad_accum} accum x "
         f"{micro_batch}, {data_summary}, device {device}, bf16 {use_bf16}")
-    log(f"kernels: {kernels_used}; compile {args.compile}; {model.flops_per_image() / 1e9:.3g} GFLOP per image forward")
-    peak = peak_flops(device)
-    train_start, last_log, loss_sum, loss_count = time.time(), time.time(), 0.0, 0
+    log(f"kernels: {kernels_used}; compile {args.compile}; {model.flops_per_image() / 1e9:.3g} GFLOP per image forward "
+        f"(text of {model_cfg.max_text_len} tokens)")
+    peak, flops_per_image = peak_flops(device), functools.lru_cache(model.flops_per_image)  # by text length
+    train_start, last_log, loss_sum, loss_count, forward_flops = time.time(), time.time(), 0.0, 0, 0.0
     step, nan_streak, last_log_step = start_step, 0, start_step
     if args.data is None:
         batches = endless_batches(dataset, sampler, step)
@@ -704,6 +707,7 @@ def main(argv=None):
         for micro in range(tc.grad_accum):
             part = slice(micro * micro_batch, (micro + 1) * micro_batch)
             text, mask = inputs.text(captions[part], sources[part], keep_text[part])
+            forward_flops += flops_per_image(text.shape[1]) * micro_batch  # trimmed captions cost less
             condition = {"text": text, "text_mask": mask}
             if model_cfg.reward_names:
                 condition["rewards"] = reward_batch[part].to(device)
@@ -744,10 +748,12 @@ def main(argv=None):
                 dist.all_reduce(mean_loss)  # the logged loss is the mean over ranks
                 mean_loss /= world_size
             images_per_s = (step - last_log_step) * tc.batch_size / (now - last_log)
-            mfu = f"  MFU {mfu_percent(model, images_per_s / world_size, peak):.1f}%" if peak else ""
+            rank_images = (step - last_log_step) * micro_batch * tc.grad_accum
+            mfu = f"  MFU {mfu_percent(forward_flops / rank_images, images_per_s / world_size, peak):.1f}%" if peak \
+                else ""
             log(f"step {step:7d}/{tc.steps}  loss {mean_loss.item():.4f}  grad {grad_norm.item():.3f}  "
                 f"lr {lr:.2e}  {images_per_s:.0f} img/s{mfu}")
-            last_log, last_log_step, loss_sum, loss_count = now, step, 0.0, 0
+            last_log, last_log_step, loss_sum, loss_count, forward_flops = now, step, 0.0, 0, 0.0
         if tc.sample_every and step % tc.sample_every == 0:
             preview(step)
         if step % tc.ckpt_every == 0 or step == tc.steps or (tc.keep_every and step % tc.keep_every == 0):

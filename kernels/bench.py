@@ -230,7 +230,7 @@ def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
             profile_step(step, device)
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
-                     "MFU_pct": mfu_percent(model, images_per_s, peak) if peak else None,
+                     "MFU_pct": mfu_percent(model.flops_per_image(), images_per_s, peak) if peak else None,
                      # weights, gradients, AdamW state and activations: does a rank's batch fit the card?
                      "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None})
         del model, step

@@ -317,9 +317,11 @@ def test_flops_per_image_counts_every_matmul():
     B = 2
     x, t = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size), torch.rand(B)
     text, r = torch.randint(0, cfg.vocab_size, (B, cfg.max_text_len)), torch.rand(B, len(cfg.reward_names))
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # MATH: attention as bmm
-        model(x, t, text, rewards=r)
-    assert model.flops_per_image() == counter.get_total_flops() / B
+    for length in (cfg.max_text_len, 3):  # the padded condition, and a batch trimmed to 3 tokens
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # MATH: attention as bmm
+            model(x, t, text[:, :length], rewards=r)
+        assert model.flops_per_image(length) == counter.get_total_flops() / B
+    assert model.flops_per_image() == model.flops_per_image(cfg.max_text_len) > model.flops_per_image(3)
 
 
 def test_train_flags():
@@ -329,8 +331,7 @@ def test_train_flags():
     _, args, _ = train.parse_args([])
     assert (args.kernels, args.precision, args.compile) == ("auto", None, False)
     assert train.peak_flops("cpu") is None
-    assert train.mfu_percent(type("M", (), {"flops_per_image": lambda self: 1e12})(), 100.0, 989e12) == \
-        pytest.approx(100 * 3e14 / 989e12)
+    assert train.mfu_percent(1e12, 100.0, 989e12) == pytest.approx(100 * 3e14 / 989e12)
     with pytest.raises(SystemExit):
         train.parse_args(["--kernels", "triton"])
 

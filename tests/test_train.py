@@ -140,6 +140,25 @@ def test_each_rank_gets_its_own_gpu_and_the_backend_of_its_device():
         train.rank_device("gpu", 0, 1)
 
 
+def test_logged_mfu_counts_the_text_tokens_each_batch_ran(tmp_path, monkeypatch):
+    """MFU (logged where the GPU's peak is known, here faked) = 3 x the forward FLOPs at the batches' own text
+    length x images/s / peak: frozen-encoder batches are trimmed to their longest caption (here: 3 tokens)."""
+    import re
+    from model import MIRO, ModelConfig
+    monkeypatch.setattr(train, "peak_flops", lambda device: 1e9)
+    text = train.ModelInputs.text
+    monkeypatch.setattr(train.ModelInputs, "text", lambda self, *a: tuple(x[:, :3] for x in text(self, *a)))
+    train.main(tiny_train_args(tmp_path / "runs", "--steps", "4", "--log-every", "2", "--keep-every", "0"))
+    config = load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")["config"]
+    model = MIRO(ModelConfig(**{**config, "reward_names": tuple(config["reward_names"])}))
+    logged = re.findall(r"(\d+) img/s  MFU ([\d.]+)%", (tmp_path / "runs" / "miro" / "log.txt").read_text())
+    assert len(logged) == 2
+    for images_per_s, mfu in logged:
+        expected = 100 * 3 * model.flops_per_image(3) * int(images_per_s) / 1e9
+        assert float(mfu) == pytest.approx(expected, rel=1 / int(images_per_s) + 1e-3)
+        assert float(mfu) < 0.95 * 100 * 3 * model.flops_per_image() * int(images_per_s) / 1e9  # not the padded
+
+
 def test_the_model_is_fed_each_samples_binned_rewards(tiny_runs, tmp_path, monkeypatch):
     """Training conditions each sample on its own reward bin values (the checkpoint's bins of its annotations)."""
     seen_keys, seen_rewards = [], []
