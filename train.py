@@ -14,7 +14,9 @@ loss is the MSE to it. Reward conditioning values are in [0, 1] (bin k of B is k
 EMA weights. The global batch is split evenly over ranks (and gradient-accumulation micro-steps).
 
 A run folder holds config.json (every setting), log.txt, samples/step_*.png and ckpt.pt (model, EMA, optimizer,
-scheduler, step, bin edges, tokenizer), written atomically by rank 0 alone. The step's random numbers
+scheduler, step, bin edges, tokenizer), written atomically by rank 0 alone (so on several nodes, --runs-dir for
+--resume and the built-in world's --data-dir, which rank 0 builds, must be on a filesystem every node sees, as
+--data and the caches are). The step's random numbers
 (timesteps, noise, dropout) are drawn for the whole global batch from a generator seeded by (seed, step), and each
 rank takes the rows of its own samples: on the built-in data the result does not depend on the number of ranks, on
 gradient accumulation or on where a run was resumed (tests/test_reliability.py checks all three); a streamed --data
