@@ -606,11 +606,12 @@ def _check_loading(source, cls, info):
 
 
 class T5TextEncoder:
-    """Frozen (FLAN-)T5 encoder: the last hidden states of T5EncoderModel, padded/truncated to max_length tokens
-    (the paper: 256 in training, 77 at inference), EOS included. The encoder runs only up to the batch's longest
-    caption (a real token's state does not depend on masked padding) and the output is zero-padded to max_length:
-    web captions are mostly under 40 tokens, so this is several times cheaper than running 256. `source` holds a
-    full T5 checkpoint (as on the hub); T5EncoderModel skips the decoder's tensors."""
+    """Frozen (FLAN-)T5 encoder: the last hidden states of T5EncoderModel, padded/truncated to max_length tokens,
+    EOS included (the paper: 256 in training, 77 at inference; here max_length in both, the same features for every
+    prompt of at most 77 tokens since padding is masked, and longer prompts are not cut). The encoder runs only up to
+    the batch's longest caption (a real token's state does not depend on masked padding) and the output is
+    zero-padded to max_length: web captions are mostly under 40 tokens, so this is several times cheaper than
+    running 256. `source` holds a full T5 checkpoint (as on the hub); T5EncoderModel skips the decoder's tensors."""
 
     def __init__(self, source="google/flan-t5-xl", max_length=256, device="cpu", precision="bf16"):
         from transformers import AutoTokenizer, T5EncoderModel
