@@ -821,12 +821,11 @@ def add_frozen_args(parser):
 
 def adapt_config(cfg, text_encoder=None, vae=None):
     """The model config that fits these frozen parts: float text features of the encoder's width and length
-    (vocab_size 0), and the VAE's latent channels (image_size stays the latent side)."""
+    (vocab_size 0), and the VAE's latent channels (image_size stays the latent side), or RGB pixels without a VAE
+    (so the paper preset, made for SDXL latents, also runs in pixel space)."""
     if text_encoder is not None:
         cfg = dataclasses.replace(cfg, vocab_size=0, text_dim=text_encoder.dim, max_text_len=text_encoder.max_length)
-    if vae is not None:
-        cfg = dataclasses.replace(cfg, in_channels=vae.latent_channels)
-    return cfg
+    return dataclasses.replace(cfg, in_channels=vae.latent_channels if vae is not None else 3)
 
 
 # Caches of frozen-encoder outputs, one folder each:

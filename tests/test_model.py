@@ -290,6 +290,17 @@ def test_paper_preset_parameter_count():
     assert 0.30e9 <= n <= 0.42e9
 
 
+def test_adapt_config_fits_the_model_to_its_inputs():
+    """Without frozen parts the model reads RGB pixels and word ids (train.py sets vocab_size), whatever the
+    preset was made for; a VAE sets the latent channels and a text encoder the feature width and length."""
+    from types import SimpleNamespace
+    paper = get_config("paper")
+    assert paper.in_channels == 4 and M.adapt_config(paper).in_channels == 3
+    vae, t5 = SimpleNamespace(latent_channels=16), SimpleNamespace(dim=512, max_length=77)
+    cfg = M.adapt_config(get_config("tiny"), t5, vae)
+    assert (cfg.in_channels, cfg.vocab_size, cfg.text_dim, cfg.max_text_len) == (16, 0, 512, 77)
+
+
 def test_cli_prints_parameter_counts(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["model.py", "--preset", "tiny"])
     M.main()
