@@ -513,14 +513,23 @@ def _atomic_write(path: Path, write):
 def build_shapes_dataset(cfg: WorldConfig, out_dir=None) -> Path:
     """Write out_dir/images.npy (N,H,W,3 uint8), samples.jsonl (one record per sample, no image) and world.json.
 
-    world.json is written last and marks a complete dataset: nothing is done if it already matches cfg.
-    out_dir defaults to cfg.default_dir().
+    world.json is written last and marks a complete dataset: nothing is done if it already matches cfg, and a
+    folder holding another world (other WorldConfig fields) is a ValueError rather than rebuilt under the runs that
+    read it; one written by an older DATA_VERSION of this module is rebuilt. out_dir defaults to cfg.default_dir().
     """
     out = Path(out_dir) if out_dir is not None else cfg.default_dir()
     world = {"version": DATA_VERSION, **asdict(cfg)}
-    if (out / "world.json").exists() and json.loads((out / "world.json").read_text()) == world \
-            and (out / "images.npy").exists() and (out / "samples.jsonl").exists():
-        return out
+    if (out / "world.json").exists():
+        try:
+            found = json.loads((out / "world.json").read_text())
+        except (OSError, ValueError):
+            found = {}
+        other = [f"{k} {found.get(k)}, not {v}" for k, v in asdict(cfg).items() if found.get(k) != v]
+        if other and found.get("version") == DATA_VERSION:
+            raise ValueError(f"{out} holds another built-in world ({'; '.join(other[:3])}): give another folder, "
+                             f"or delete this one")
+        if found == world and (out / "images.npy").exists() and (out / "samples.jsonl").exists():
+            return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").unlink(missing_ok=True)
     images = np.empty((cfg.num_train, cfg.image_size, cfg.image_size, 3), np.uint8)
@@ -1135,8 +1144,10 @@ def stream_batches(dataset: RecordDataset, batch_size: int, num_workers: int = 0
             count += 1
             yield batch
         if count == 0:
+            counted = f"this process counted {dataset.stats}" if num_workers == 0 else \
+                "each data worker printed its counts above"
             raise ValueError(f"rank {dataset.rank}: an epoch gave no full batch of {batch_size} usable samples "
-                             f"(this process counted {dataset.stats})")
+                             f"({counted}; `python data.py inspect` counts a dataset's skips)")
         epoch += 1
 
 
@@ -1201,17 +1212,21 @@ def main(argv=None):
     ins.add_argument("--image-size", type=int, default=256, help="training resolution to resize to (default 256)")
     ins.add_argument("--limit", type=int, default=None, help="stop after this many records (default: all)")
     args = parser.parse_args(argv)
-    if args.command == "inspect":
-        try:
+    for flag, low in (("num_train", 1), ("image_size", 8), ("n", 1), ("zoom", 1), ("start", 0), ("limit", 1),
+                      ("min_size", 0)):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < low:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {low}")
+    try:
+        if args.command == "inspect":
             inspect(args.path, args.min_size, args.image_size, args.limit)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-    elif args.command == "build":
-        cfg = WorldConfig(image_size=args.image_size, num_train=args.num_train, seed=args.seed)
-        print(f"dataset in {build_shapes_dataset(cfg, args.out)}")
-    else:
-        preview(WorldConfig(image_size=args.image_size, seed=args.seed), args.out, n=args.n, start=args.start,
-                zoom=args.zoom)
+        elif args.command == "build":
+            cfg = WorldConfig(image_size=args.image_size, num_train=args.num_train, seed=args.seed)
+            print(f"dataset in {build_shapes_dataset(cfg, args.out)}")
+        else:
+            preview(WorldConfig(image_size=args.image_size, seed=args.seed), args.out, n=args.n, start=args.start,
+                    zoom=args.zoom)
+    except (OSError, ValueError) as e:  # an unwritable --out, another world in it, an unknown image extension
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

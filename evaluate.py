@@ -592,6 +592,8 @@ class Context:
         self.names = list(self.model.cfg.reward_names)
         self.world = data.WorldConfig(**self.ckpt["world"]) if self.ckpt.get("world") else None
         self.cfg = args.cfg if args.cfg is not None else self.ckpt["sampling"]["cfg"]
+        if args.rewards and not self.names and ckpt_arg is None:  # (tts' --baseline takes no targets)
+            raise ValueError(f"--rewards {args.rewards}: {self.path} was trained without rewards (a baseline)")
         self.pos = parse_reward_targets(args.rewards, self.names, 1.0) if self.names else None
         self.neg = torch.zeros(len(self.names)) if self.names else None
         self.args = args
@@ -671,8 +673,8 @@ def cmd_tradeoff(args, ctx):
         raise ValueError(f"--values {args.values!r}: expected comma-separated numbers") from None
     by_cfg = args.reward == "cfg"
     if by_cfg:
-        if not all(v >= 0 for v in values):
-            raise ValueError("--values: guidance weights must be >= 0")
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError("--values: guidance weights must be >= 0 and finite")
     elif args.reward not in ctx.names:
         raise ValueError(f"--reward {args.reward!r}: this checkpoint is conditioned on "
                          f"{', '.join(ctx.names) or 'nothing'} (--reward cfg sweeps the guidance weight)")
@@ -704,9 +706,10 @@ def cmd_tts(args, ctx):
     ns = [2 ** k for k in range(int(math.log2(args.max_n)) + 1)]
     items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.max_n)  # each prompt's max-n candidates
     results = {}
-    for label, c in (("MIRO", ctx), ("baseline", Context(args, args.baseline) if args.baseline else None)):
-        if c is None:
-            continue
+    runs = [("MIRO" if ctx.names else "baseline", ctx)]
+    if args.baseline:
+        runs.append(("baseline" if ctx.names else "--baseline", Context(args, args.baseline)))
+    for label, c in runs:
         rows = c.run(items, c.judges(features=False))
         by_prompt = {}
         for row, it in zip(rows, items):
@@ -716,7 +719,7 @@ def cmd_tts(args, ctx):
             chosen = [max(cands[:n], key=lambda ri: ri[0]["rewards"][args.select_by]) for cands in by_prompt.values()]
             curve[n] = flat_metrics(summarize([r for r, _ in chosen], [i for _, i in chosen]))
         results[label] = curve
-    metrics = list(results["MIRO"][1])
+    metrics = list(results[runs[0][0]][1])
     for label, curve in results.items():
         log(label)
         log(format_table({f"N={n}": m for n, m in curve.items()}, metrics))
@@ -1126,12 +1129,18 @@ def parse_args(argv=None):
     for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every", "samples"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0")
-    if args.cfg is not None and args.cfg < 0:
-        p.error("--cfg must be >= 0")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        p.error("--cfg must be >= 0 and finite")
+    if getattr(args, "min_per_task", 0) < 0:
+        p.error("--min-per-task must be >= 0")
     if getattr(args, "repeat_seeds", 0) < 0:
         p.error("--repeat-seeds must be >= 0")
     if args.command == "convergence":
         condition = [r for r in args.condition.split(",") if r]
+        unknown = [r for r in condition if r not in rewards.REWARDS]
+        if unknown or not condition:
+            p.error(f"--condition: unknown reward(s) {', '.join(unknown) or '(none given)'}; known rewards: "
+                    f"{', '.join(rewards.REWARDS)}")
         args.judge_rewards = ",".join(dict.fromkeys([*rewards.BUILTIN_REWARDS, *condition]))
     try:
         judges = [n for n in (args.judge_rewards + "," + getattr(args, "select_by", "")).split(",") if n]

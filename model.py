@@ -50,6 +50,10 @@ class WordTokenizer:
     def split(cls, text):
         return text.lower().translate(cls._strip).split()
 
+    def unknown(self, texts):
+        """The words of `texts` outside the vocabulary (each read as <unk>), sorted."""
+        return sorted({w for text in texts for w in self.split(text) if w not in self.index})
+
     def state_dict(self):
         """JSON-able state saved in checkpoints; `WordTokenizer.from_state_dict` restores the same ids."""
         return {"words": list(self.words), "max_len": self.max_len}
@@ -782,7 +786,11 @@ def load_frozen(spec, device="cpu"):
     spec = spec or {}
     text = dict(spec.get("text_encoder") or {"name": "builtin"})
     vae = dict(spec.get("vae") or {"name": "none"})
-    return load_text_encoder(text.pop("name"), device, **text), load_vae(vae.pop("name"), device, **vae)
+    try:
+        return load_text_encoder(text.pop("name"), device, **text), load_vae(vae.pop("name"), device, **vae)
+    except OSError as e:  # the hub libraries' "no such file" is what an offline machine sees
+        raise OSError(f"{' '.join(str(e).split())[:300]} (weights come from the Hugging Face hub unless the option "
+                      f"source=DIR names a local copy)") from None
 
 
 def frozen_spec(text_encoder="builtin", text_options=(), vae="none", vae_options=()):
@@ -1078,10 +1086,11 @@ def precompute(args):
         torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(hours=12))
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
-    text_encoder, vae = load_frozen(frozen_spec(args.text_encoder, args.text_encoder_option, args.vae,
-                                                args.vae_option), device)
     sources = {"text": data.open_dataset(args.data, decode=False),  # captions only: no image is decoded
                "latents": data.open_dataset(args.data, min_size=args.min_image_size)}
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # the data and the output first: loading encoders is slow
+    text_encoder, vae = load_frozen(frozen_spec(args.text_encoder, args.text_encoder_option, args.vae,
+                                                args.vae_option), device)
 
     def records(what, skip=()):  # this rank's usable records, with a progress bar on rank 0
         for record in tqdm(sources[what].iter_records(rank, world_size, skip=skip), desc=f"{what} (rank 0's share)",

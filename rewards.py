@@ -2134,8 +2134,9 @@ def run_train_clip(args):
     if args.data is None:
         data.build_shapes_dataset(data.WorldConfig(), data_dir)  # no-op when already built
     if not (data_dir / "samples.jsonl").is_file():
+        target = "FOLDER" if data_dir.exists() else data_dir  # never suggest writing into a user's own folder
         raise FileNotFoundError(f"--data-dir {data_dir} is not a built-in world (no samples.jsonl); "
-                                f"build one with `python data.py build --out {data_dir}`")
+                                f"build one with `python data.py build --out {target}`")
     out = Path(args.out) if args.out else data_dir / SHAPES_CLIP_FILE
     _writable_dir(out.parent)
     trained = train_shapes_clip(data_dir, out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -2183,6 +2184,9 @@ def run_annotate(args):
         table = annotate(source, args.rewards, out, batch_size=args.batch_size, device=device,
                          num_bins=args.num_bins, binning=args.binning, reward_options=args.reward_options,
                          rank=rank, world_size=world_size, num_workers=args.num_workers, rescore=args.rescore)
+        if rank == 0 and not table:
+            raise ValueError(f"no record of {data_path} could be scored (the reasons are in {out / 'summary.json'}; "
+                             f"`python data.py inspect {data_path}` counts them)")
         if rank == 0:
             print(f"wrote {out / ANNOTATIONS} ({len(table)} samples), {out / 'bins.json'} and "
                   f"{out / 'summary.json'}")
@@ -2213,8 +2217,8 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         {"annotate": run_annotate, "score": run_score, "train-clip": run_train_clip}[args.command](args)
-    except (OSError, ValueError, KeyError) as e:
-        parser.error(str(e))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: e.g. weights that cannot download
+        parser.error(" ".join(str(e).strip("'\"").split())[:500])
 
 
 if __name__ == "__main__":

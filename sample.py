@@ -212,6 +212,10 @@ def parse_args(argv=None):
         p.error("--cfg must be >= 0 and finite")
     if args.best_of > 1 and not args.select_by:
         p.error("--best-of needs --select-by REWARD")
+    if args.select_by and args.best_of == 1:
+        p.error("--select-by picks among --best-of candidates: give --best-of N with N > 1")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        p.error(f"--out {args.out}: the grid is a PNG, so the name must end in .png")
     if args.prompts_file:
         try:
             args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -240,9 +244,13 @@ def main(argv=None):
         from rewards import load_reward
         try:
             reward = load_reward(args.select_by, device=args.device)
-        except (KeyError, ValueError) as e:
-            parser.error(str(e).strip("'\""))
+        except (KeyError, ValueError, OSError, RuntimeError) as e:  # unknown name, bad options, weights not found
+            message = " ".join(str(e).strip("'\"").split())  # a KeyError's quotes, a download error's lines
+            parser.error(f"--select-by {args.select_by}: {message[:300]}")
     cfg = args.cfg if args.cfg is not None else ckpt["sampling"]["cfg"]
+    if isinstance(text_encoder, WordTokenizer) and text_encoder.unknown(args.prompt):
+        print(f"warning: words this model's tokenizer does not know, read as <unk>: "
+              f"{', '.join(text_encoder.unknown(args.prompt)[:20])}", flush=True)
 
     prompts = [p for p in args.prompt for _ in range(args.n * args.best_of)]
     neg_prompts = None if args.neg_prompt is None else [args.neg_prompt] * len(prompts)

@@ -170,7 +170,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring for launch lines.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model + optimisation preset (default cpu)")
     p.add_argument("--name", default=None, help="run name under --runs-dir (default: miro, or baseline)")
-    p.add_argument("--runs-dir", default="runs", help="folder holding the run folders")
+    p.add_argument("--runs-dir", default=None, help="folder holding the run folders (default: runs)")
     p.add_argument("--resume", default=None,
                    help="run folder (or ckpt.pt) to continue as it was trained (its preset, rewards, seed, data and "
                         "optimisation settings); flags may change only --steps, --grad-accum, --cfg, --data's path "
@@ -255,6 +255,8 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.text_cache and args.text_encoder == "builtin" or args.latent_cache and args.vae == "none":
         p.error("--text-cache needs --text-encoder t5|clip, and --latent-cache needs --vae sdxl (the cached encoder)")
+    if args.no_rewards and args.rewards is not None:
+        p.error("--no-rewards trains the baseline, which takes no --rewards")
     if args.resume:  # the run's own settings fill what is not given (resumed_settings, once the run is open)
         return p, args, train_cfg
     for name, default in NEW_RUN.items():
@@ -525,8 +527,15 @@ def main(argv=None):
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             parser.error(f"--resume {resume_path}: {e}")
         run_dir = resume_path.parent
+        elsewhere = Path(args.runs_dir or run_dir.parent) / (args.name or run_dir.name)
+        if elsewhere.resolve() != run_dir.resolve():
+            parser.error(f"--resume {resume_path}: the run continues in its own folder {run_dir}, not in {elsewhere} "
+                         f"(--runs-dir / --name)")
+        if resume_ckpt["step"] > tc.steps:
+            parser.error(f"--resume {resume_path}: the run is at step {resume_ckpt['step']}, past --steps "
+                         f"{tc.steps}; give a larger --steps to train on")
     else:
-        run_dir = Path(args.runs_dir) / args.name
+        run_dir = Path(args.runs_dir or "runs") / args.name
     micro_batches = world_size * tc.grad_accum
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
@@ -566,7 +575,7 @@ def main(argv=None):
             world, data_dir, samples = prepare_builtin_data(args, pixel_size, rank)
         else:  # the world config stays in config.json / the checkpoint; nothing is built
             world, data_dir = data.WorldConfig(image_size=pixel_size), args.data
-    except OSError as e:
+    except (OSError, ValueError) as e:
         parser.error(f"cannot prepare the data: {e}")
     tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)  # kept in checkpoints either way
     if text_encoder is None:
@@ -643,7 +652,8 @@ def main(argv=None):
             dist.all_gather_object(steps, start_step)
             if len(set(steps)) > 1:
                 raise SystemExit(f"--resume: the ranks loaded checkpoints of different steps {steps}")
-        log(f"resumed {run_dir} at step {start_step} on all {world_size} rank(s)")
+        log(f"resumed {run_dir} at step {start_step} on all {world_size} rank(s)"
+            + (" (already at --steps: nothing to train)" if start_step == tc.steps else ""))
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     train_model = torch.compile(train_model) if args.compile else train_model  # checkpoints keep the bare model
 
@@ -695,8 +705,17 @@ def main(argv=None):
         batches = endless_batches(dataset, sampler, step)
     else:
         batches = data.stream_batches(dataset, micro_batch * tc.grad_accum, args.data_workers, resume=step)
-        first = next(batches)
+        try:
+            first = next(batches)
+        except ValueError as e:  # not one usable batch: no captions, unreadable or too small images, ...
+            parser.error(f"--data {args.data}: {e}")
         preview_prompts, batches = first[1][:8], itertools.chain([first], batches)  # the first training captions
+        words = [w for caption in first[1] for w in tokenizer.split(caption)]
+        unknown = sum(w not in tokenizer.index for w in words) / max(1, len(words))
+        if text_encoder is None and unknown > 0.2:  # real captions and the shapes world's own few words
+            log(f"warning: {unknown:.0%} of the first batch's caption words are not among the built-in tokenizer's "
+                f"{len(tokenizer.words)} words (read as <unk>, e.g. {', '.join(tokenizer.unknown(first[1])[:5])}); "
+                f"real captions need --text-encoder t5 or clip")
     model_shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)  # pixels or latents
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
     model.train()

@@ -385,6 +385,8 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
         "--rescore sharpness: only rewards named in --rewards": ["annotate", "--data", str(world), "--rewards",
                                                                   "contrast", "--rescore", "sharpness"],
         "cannot write to": ["annotate", "--data", str(world), "--out", str(tmp_path / "file" / "sub")],
+        "could be scored": ["annotate", "--data", str(images), "--out", str(tmp_path / "none"), "--rewards",
+                            "contrast"],  # its one image has no caption
         "1 PNG/JPG images in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
         "is not a folder": ["score", "--images", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "two.txt")],
     }

@@ -297,7 +297,12 @@ def test_build_dataset_and_views(tmp_path):
     assert sources == [(samples.keys[i], "caption") for i in data.ShardedSampler(40, 8).batches(0)[0]]
     assert images.shape == (8, 3, 32, 32) and len(captions) == 8 and rw.shape == (8, 3)
 
-    data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # changed config: rebuilt
+    with pytest.raises(ValueError, match=r"holds another built-in world \(num_train 40, not 12\)"):
+        data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # not rebuilt under its runs
+    assert len(data.ImageTextSamples(out)) == 40
+    world = json.loads((out / "world.json").read_text())
+    (out / "world.json").write_text(json.dumps({**world, "version": data.DATA_VERSION - 1}))
+    data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # an older generator's world: rebuilt
     assert len(data.ImageTextSamples(out)) == 12
     assert data.inspect(out) == {"ok": 12}  # the built-in folder is a record source like any other
     import rewards  # train.py hands its open world to annotate, which wraps it without reading the folder again
@@ -366,3 +371,21 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         data._atomic_write(path, fails)
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "--num-train", "-5"], "--num-train must be >= 1"),
+    (["build", "--image-size", "0"], "--image-size must be >= 8"),
+    (["preview", "--n", "0"], "--n must be >= 1"),
+    (["preview", "--zoom", "0"], "--zoom must be >= 1"),
+    (["preview", "--start", "-3"], "--start must be >= 0"),
+    (["preview", "--n", "1", "--out", "{tmp}/grid.txt"], "unknown file extension: .txt"),
+    (["build", "--num-train", "4", "--out", "{tmp}/a_file/world"], "{tmp}/a_file/world"),
+    (["inspect", "{tmp}", "--limit", "0"], "--limit must be >= 1"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")  # a file where a folder should be
+    with pytest.raises(SystemExit) as exit_info:
+        data.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in err[-1] and "Traceback" not in "\n".join(err)

@@ -479,13 +479,19 @@ def test_a_few_training_steps_from_each_format(fmt, workers, datasets, annotated
     log = (tmp_path / "miro" / "log.txt").read_text()
     assert "streamed" in log and "loss nan" not in log and log.count("step ") >= 3
     assert "no '@synthetic_caption' scores for ['sharpness']" in log
+    assert "caption words are not among the built-in tokenizer's" in log  # real captions, shapes-world words
     out = capfd.readouterr().out  # every data worker reports its pass: the skips were counted, not fatal
     assert "no_annotation" in out and "unreadable" in out
 
 
 def test_real_data_cli_errors_are_one_line(datasets, annotation_file, tmp_path, capsys):
     import train
-    cases = [(["--data", str(tmp_path / "missing")], "does not exist"),
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(uncaptioned / f"{i}.png")
+    cases = [(["--data", str(uncaptioned), "--no-rewards", "--data-workers", "0"],
+              "an epoch gave no full batch of"),(["--data", str(tmp_path / "missing")], "does not exist"),
              (["--data", str(datasets["folder"]), "--annotations", str(tmp_path / "none.jsonl")], "no annotations"),
              (["--data", str(datasets["folder"]), "--annotations", str(annotation_file), "--rewards", "contrast"],
               "no scores for reward(s) contrast"),

@@ -332,6 +332,9 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["rewards", "--reward-option", "aesthetic-head=x"], "expected NAME.KEY=VALUE"),
     (["geneval", "--steps", "0"], "--steps must be > 0"),
     (["geneval", "--cfg", "-1"], "--cfg must be >= 0"),
+    (["geneval", "--cfg", "nan"], "--cfg must be >= 0 and finite"),
+    (["rewards", "--min-per-task", "-5"], "--min-per-task must be >= 0"),
+    (["convergence", "--condition", "contrast,bogus"], r"--condition: unknown reward\(s\) bogus; known rewards"),
     (["usage", "--samples", "0"], "--samples must be > 0"),
     (["convergence", "--condition", "sharpness", "--tuned-target", "contrast=0.6"],
      "--tuned-target: unknown reward 'contrast'; --condition supports: sharpness"),
@@ -356,6 +359,32 @@ def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
     res = run_eval("tradeoff", "--ckpt", str(tiny_runs / "miro"), "--reward", "contrast", "--values", "0,abc",
                    "--out", str(tmp_path))
     assert res.returncode == 2 and "--values '0,abc': expected comma-separated numbers" in res.stderr
+    res = run_eval("tradeoff", "--ckpt", str(tiny_runs / "miro"), "--reward", "cfg", "--values", "0,inf",
+                   "--out", str(tmp_path))
+    assert res.returncode == 2 and "guidance weights must be >= 0 and finite" in res.stderr
+    res = run_eval("rewards", "--ckpt", str(tiny_runs / "baseline"), "--rewards", "alignment=1", "--out", str(tmp_path))
+    assert res.returncode == 2 and "was trained without rewards (a baseline)" in res.stderr
+
+
+def test_tts_best_of_n_curves_for_miro_and_the_baseline(tiny_runs, tmp_path):
+    """tts: each prompt's max-n candidates once, then for N = 1, 2, 4 the best of the first N by --select-by: its
+    mean can only grow with N; both models get a curve under their own label (a baseline alone is not 'MIRO')."""
+    (tmp_path / "p.txt").write_text("a photo of a red circle\na photo of two blue squares\na photo of a triangle\n")
+    few = ["--prompts", str(tmp_path / "p.txt"), "--max-n", "4", "--steps", "2", "--select-by", "contrast",
+           "--judge-rewards", "contrast,sharpness"]
+    res = run_eval("tts", "--ckpt", str(tiny_runs / "miro"), "--baseline", str(tiny_runs / "baseline"), *few,
+                   "--out", str(tmp_path / "both"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    curves = json.loads((tmp_path / "both" / "tts.json").read_text())["curves"]
+    assert set(curves) == {"MIRO", "baseline"} and all(set(c) == {"1", "2", "4"} for c in curves.values())
+    for curve in curves.values():
+        chosen = [curve[n]["contrast"] for n in ("1", "2", "4")]
+        assert chosen == sorted(chosen) and chosen[0] < chosen[-1]  # 3 prompts x 4 noise draws: some gain
+    assert (tmp_path / "both" / "tts.png").stat().st_size > 0
+    res = run_eval("tts", "--ckpt", str(tiny_runs / "baseline"), *few, "--out", str(tmp_path / "alone"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    alone = json.loads((tmp_path / "alone" / "tts.json").read_text())["curves"]
+    assert list(alone) == ["baseline"] and alone["baseline"] == curves["baseline"]  # the same seeds and images
 
 
 def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):

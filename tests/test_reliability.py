@@ -274,6 +274,7 @@ def test_nan_on_one_rank_stops_every_rank(tiny_runs, tmp_path):
     (["--max-nan-skips", "-1"], "--max-nan-skips must be >= 0"),
     (["--rewards", "alignment,beauty"], "unknown reward(s) beauty"),
     (["--rewards", ","], "--rewards is empty"),
+    (["--no-rewards", "--rewards", "alignment"], "--no-rewards trains the baseline, which takes no --rewards"),
     (["--batch-size", "8", "--grad-accum", "3"], "must be divisible by world size x grad accum = 3"),
     (["--device", "abacus"], "--device: "),
     pytest.param(["--device", "cuda"], "no CUDA GPU is visible",
@@ -352,9 +353,10 @@ def test_resume_an_older_checkpoint_with_another_config(tiny_runs, tmp_path, fla
     """A checkpoint without saved run settings (train.py before 2026-12-06): its model config tells the preset."""
     old = load_checkpoint(tiny_runs / "miro" / "ckpt.pt")
     del old["run"]
-    (tmp_path / "old").mkdir()
-    torch.save(old, tmp_path / "old" / "ckpt.pt")
-    line = cli_error(train.main, [*resume_args(tiny_runs, tmp_path / "runs", tmp_path / "old"), *flags], capsys)
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    torch.save(old, tmp_path / "runs" / "old" / "ckpt.pt")
+    line = cli_error(train.main, [*resume_args(tiny_runs, tmp_path / "runs", tmp_path / "runs" / "old"), *flags],
+                     capsys)
     assert message in line
 
 
@@ -391,6 +393,21 @@ def test_sample_cli_errors(tiny_runs, tmp_path, flags, message, capsys):
             "--out", str(tmp_path / "x.png"), *flags]
     assert message in cli_error(sample.main, argv, capsys)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_reward_that_cannot_load_and_words_the_tokenizer_does_not_know(tiny_runs, tmp_path, monkeypatch,
+                                                                               capsys):
+    import rewards
+
+    def offline(name, **options):
+        raise RuntimeError(f"Failed to download weights for {name}\n(no network)")
+    monkeypatch.setattr(rewards, "load_reward", offline)
+    base = ["--ckpt", str(tiny_runs / "miro"), "--steps", "1", "--n", "1", "--out", str(tmp_path / "x.png")]
+    line = cli_error(sample.main, [*base, "--prompt", "a circle", "--best-of", "2", "--select-by", "clip"], capsys)
+    assert "--select-by clip: Failed to download weights for clip (no network)" in line
+    monkeypatch.undo()
+    sample.main([*base, "--prompt", "a zebra riding a circle"])
+    assert "read as <unk>: riding, zebra" in capsys.readouterr().out
 
 
 def test_sample_unreadable_inputs_and_unwritable_output(tiny_runs, tmp_path, capsys):

@@ -134,6 +134,8 @@ def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     ("miro", ["--best-of", "2"], "--best-of needs --select-by"),
     ("miro", ["--best-of", "2", "--select-by", "beauty"], "unknown reward 'beauty'"),
     ("baseline", ["--rewards", "alignment=1"], "trained without rewards"),
+    ("miro", ["--select-by", "alignment"], "--select-by picks among --best-of candidates"),
+    ("miro", ["--out", "grid.jpg"], "the grid is a PNG, so the name must end in .png"),
     ("missing", [], "no checkpoint at"),
 ])
 def test_cli_errors_are_one_line(tiny_runs, tmp_path, run, flags, message):

@@ -104,10 +104,15 @@ def test_resume_alone_continues_the_run_as_trained(tiny_runs, tmp_path, capsys):
         assert torch.equal(value, again["model"][name]), f"{name} differs after resume"
     for bad, message in [(["--seed", "0"], "--seed 0 (the run's: 3)"), (["--lr", "1e-3"], "--lr 0.001 (the run's: "),
                          (["--num-train", "96"], "--num-train 96 (the run's: 48)"),
-                         (["--no-rewards"], "--rewards none (the run's: alignment,contrast)")]:
+                         (["--no-rewards"], "--rewards none (the run's: alignment,contrast)"),
+                         (["--steps", "6"], "the run is at step 8, past --steps 6"),
+                         (["--name", "other"], f"continues in its own folder {resumed}, not in {tmp_path / 'other'}"),
+                         (["--runs-dir", str(tmp_path / "elsewhere")], "continues in its own folder")]:
         with pytest.raises(SystemExit):
             train.main(["--resume", str(resumed), *bad])
         assert message in capsys.readouterr().err
+    train.main(["--resume", str(resumed), "--steps", "8", "--runs-dir", str(tmp_path), "--name", "again"])
+    assert "already at --steps: nothing to train" in capsys.readouterr().out  # its own folder, named: fine
     train.main(["--resume", str(resumed), "--steps", "10", "--log-every", "1"])
     assert load_checkpoint(resumed / "ckpt.pt")["step"] == 10
 
