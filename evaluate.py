@@ -476,21 +476,33 @@ def flat_metrics(summary: dict) -> dict:
     return flat
 
 
-def speedup(steps, baseline, miro) -> float | None:
-    """The paper's convergence speedup for a higher-is-better metric: the baseline's last step divided by the
-    step from which MIRO reaches the baseline's final value and stays there. "Stays" because a barely trained
-    model's blobs can satisfy a metric by luck, and such an early fluke says nothing about convergence. Between
-    evaluated steps the curve is linearly interpolated; above from the first evaluated step on, that step counts
-    (so the speedup is then a lower bound). None if MIRO ends below the baseline's final value."""
-    target = baseline[-1]
-    below = [k for k, v in enumerate(miro) if v < target]
+def reach_step(steps, curve, target) -> float | None:
+    """The step from which `curve` (evaluated at `steps`) is at or above `target` and stays there, linearly
+    interpolated between evaluated steps; steps[0] if it always is; None if it ends below. "Stays" because a barely
+    trained model's blobs can satisfy a metric by luck, and such an early fluke says nothing about convergence."""
+    below = [k for k, v in enumerate(curve) if v < target]
     if not below:
-        return steps[-1] / steps[0]
+        return steps[0]
     k = below[-1] + 1  # the first evaluation of the final stretch at or above the target
     if k == len(steps):
         return None
-    s0, v0, s, v = steps[k - 1], miro[k - 1], steps[k], miro[k]
-    return steps[-1] / (s0 + (s - s0) * (target - v0) / (v - v0))
+    s0, v0, s, v = steps[k - 1], curve[k - 1], steps[k], curve[k]
+    return s0 + (s - s0) * (target - v0) / (v - v0)
+
+
+def speedup(steps, baseline, miro, matched=False) -> float | None:
+    """Convergence speedup for a higher-is-better metric, the target being the baseline's final value. The paper's
+    (matched=False): the baseline's last step / the step from which MIRO reaches the target (reach_step). When the
+    baseline got there before its last step (it plateaued, or fell back to it), that ratio credits MIRO with the
+    baseline's idle steps, and two identical curves get more than 1x; matched=True times both models to the target:
+    reach_step(baseline) / reach_step(miro), 1x for identical curves and the paper's number for a baseline still
+    rising at its end. A lower bound when MIRO is above the target from the first evaluation on; None if MIRO ends
+    below it."""
+    target = baseline[-1]
+    miro_step = reach_step(steps, miro, target)
+    if miro_step is None:
+        return None
+    return (reach_step(steps, baseline, target) if matched else steps[-1]) / miro_step
 
 
 def format_table(rows: dict[str, dict], columns: list[str]) -> str:
@@ -516,11 +528,11 @@ def format_seed_table(seeds: dict[str, dict[str, dict]], columns: list[str]) -> 
     return "\n".join(lines)
 
 
-def format_speedup_table(rows: dict[str, dict[str, float | None]]) -> str:
+def format_speedup_table(rows: dict[str, dict[str, float | None]], title="speed-up") -> str:
     """A markdown table of speed-ups, one row per label ("seed 0", ...): rows[label][metric] = speedup() (None: not
     reached)."""
     columns = list(next(iter(rows.values())))
-    lines = ["| speed-up | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, row in rows.items():
         cells = ["not reached" if row[c] is None else f"{row[c]:.1f}x" for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -623,8 +635,10 @@ def cmd_geneval(args, ctx):
     if not all("include" in it for it in items):
         raise ValueError(f"--prompts {args.prompts}: GenEval needs metadata (tag, include) with every prompt")
     folder = args.out / "geneval"
-    if args.rank == 0 and folder.exists():
-        shutil.rmtree(folder)  # an earlier run's extra images would be scored by the official evaluator too
+    if args.rank == 0:
+        if folder.exists():
+            shutil.rmtree(folder)  # an earlier run's extra images would be scored by the official evaluator too
+        (args.out / "geneval.json").unlink(missing_ok=True)  # its numbers: not those of the images written now
     if dist.is_initialized():
         dist.barrier()  # no rank writes before the folder is cleared
 
@@ -1002,21 +1016,25 @@ def cmd_convergence(args, _ctx=None):
              f"MIRO, target {args.tuned_target}": metrics_of("miro", total, args.tuned_target)}
     table.update({run: metrics_of(run, total) for run in ablations})
     seed_pairs = {str(seed): pair for seed, pair in zip([args.seed, *extra_seeds], pairs)}
-    seed_speedups = {seed: {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]])
-                            for m in metrics if m != "diversity"}
-                     for seed, (base, miro) in seed_pairs.items()}
-    speedups = seed_speedups[str(args.seed)]
+    seed_speedups, seed_matched = ({seed: {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]],
+                                                   matched) for m in metrics if m != "diversity"}
+                                    for seed, (base, miro) in seed_pairs.items()} for matched in (False, True))
+    speedups, matched_speedups = seed_speedups[str(args.seed)], seed_matched[str(args.seed)]
 
+    def spell(row):
+        return ", ".join(f"{m} {'not reached' if s is None else f'{s:.1f}x'}" for m, s in row.items())
     log(format_table(table, metrics))
-    log("speedup (baseline steps / MIRO steps to reach the baseline's final value and stay): " +
-          ", ".join(f"{m} {'not reached' if s is None else f'{s:.1f}x'}" for m, s in speedups.items()))
+    log(f"speedup (baseline steps / MIRO steps to reach the baseline's final value and stay): {spell(speedups)}")
+    log(f"matched speedup (steps the baseline needed to reach its final value and stay / MIRO's): "
+        f"{spell(matched_speedups)}")
     lines = {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
              for m in metrics}
-    styles, mean_speedups = {}, {}
+    styles, mean_speedups, mean_matched = {}, {}, {}
     if extra_seeds:  # one seed's curves wander by about the gap between the models: show the mean over seeds too
         mean = {label: {m: np.mean([[c[m] for c in curves[pair[i]]] for pair in seed_pairs.values()], 0).tolist()
                         for m in metrics} for i, label in enumerate(("baseline", "MIRO"))}
-        mean_speedups = {m: speedup(steps, mean["baseline"][m], mean["MIRO"][m]) for m in metrics if m != "diversity"}
+        mean_speedups, mean_matched = ({m: speedup(steps, mean["baseline"][m], mean["MIRO"][m], matched)
+                                        for m in metrics if m != "diversity"} for matched in (False, True))
         for label, color in (("baseline", "C0"), ("MIRO", "C1")):
             mean_label = f"{label}, {len(seed_pairs)}-seed mean"
             styles.update({label: {"color": color, "alpha": 0.45},
@@ -1031,13 +1049,19 @@ def cmd_convergence(args, _ctx=None):
     if extra_seeds:
         seeds = {label: {seed: curves[pair[i]][-1] for seed, pair in seed_pairs.items()}
                  for i, label in enumerate(("baseline", "MIRO"))}
-        rows = {f"seed {seed}": row for seed, row in seed_speedups.items()}
-        rows[f"mean curve of {len(seed_pairs)} seeds"] = mean_speedups
-        text = format_seed_table(seeds, metrics) + "\n\n" + format_speedup_table(rows)
+        tables = [format_seed_table(seeds, metrics)]
+        for title, per_seed, on_mean in (("speed-up", seed_speedups, mean_speedups),
+                                         ("matched speed-up", seed_matched, mean_matched)):
+            rows = {f"seed {seed}": row for seed, row in per_seed.items()}
+            rows[f"mean curve of {len(seed_pairs)} seeds"] = on_mean
+            tables.append(format_speedup_table(rows, title))
+        text = "\n\n".join(tables)
         log(text)
         write_text(out / "seeds.md", text + "\n")
-    return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "tuned_target": args.tuned_target,
-            "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {}, "mean_speedups": mean_speedups,
+    return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "matched_speedup": matched_speedups,
+            "tuned_target": args.tuned_target, "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {},
+            "seed_matched_speedups": seed_matched if extra_seeds else {}, "mean_speedups": mean_speedups,
+            "mean_matched_speedups": mean_matched,
             "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
             "condition": condition, "judges": judges, "reward_options": args.reward_options}
 

@@ -25,6 +25,7 @@ run shards records per rank and draws fresh permutations on resume (data.stream_
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import itertools
@@ -562,9 +563,17 @@ def main(argv=None):
             model_cfg = resume_config(resume_ckpt, model_cfg, args.preset)
         except ValueError as e:
             parser.error(f"--resume {resume_path}: {e}")
+    if resume_ckpt is None and (run_dir / "ckpt.pt").exists():
+        parser.error(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or give another --name")
     try:
         if rank == 0:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            # One writer per run folder: held until this process exits (a kill releases it, so nothing goes stale).
+            run_lock = open(run_dir / ".train.lock", "a")
+            try:
+                fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                parser.error(f"another process is training {run_dir} (it holds {run_dir / '.train.lock'})")
         log = Logger(run_dir / "log.txt", rank)
     except OSError as e:
         parser.error(f"cannot write the run folder {run_dir}: {e}")

@@ -36,6 +36,23 @@ def test_speedup_interpolates_between_evaluated_steps():
     assert evaluate.speedup(steps, baseline, [0.1, 0.5, 0.6, 0.39]) is None
 
 
+def test_matched_speedup_times_both_models_to_the_baselines_final_value():
+    """A baseline that plateaus or falls back reaches its final value before its last step: the paper's ratio
+    credits MIRO with those idle steps, the matched one does not (and equals it for a baseline still rising)."""
+    steps = [100, 200, 300, 400]
+    falling = [0.4, 0.3, 0.25, 0.2]  # worse with training, as the baseline's sharpness here
+    assert evaluate.speedup(steps, falling, falling) == pytest.approx(4.0)  # the paper's: 4x against itself
+    assert evaluate.speedup(steps, falling, falling, matched=True) == pytest.approx(1.0)
+    plateau = [0.1, 0.4, 0.4, 0.4]  # at its final value from step 200 on
+    miro = [0.3, 0.5, 0.6, 0.7]  # there at step 150
+    assert evaluate.speedup(steps, plateau, miro) == pytest.approx(400 / 150)
+    assert evaluate.speedup(steps, plateau, miro, matched=True) == pytest.approx(200 / 150)
+    rising = [0.1, 0.2, 0.3, 0.4]
+    assert evaluate.speedup(steps, rising, miro, matched=True) == evaluate.speedup(steps, rising, miro)
+    assert evaluate.speedup(steps, plateau, [0.1, 0.2, 0.3, 0.39], matched=True) is None
+    assert evaluate.reach_step(steps, [0.5, 0.3, 0.5, 0.6], 0.4) == pytest.approx(250)  # an early fluke does not count
+
+
 def test_mean_ci_and_geneval_summary():
     ci = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
     assert ci["n"] == 4 and ci["mean"] == pytest.approx(2.5)
@@ -366,6 +383,22 @@ def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
     assert res.returncode == 2 and "was trained without rewards (a baseline)" in res.stderr
 
 
+def test_a_geneval_rerun_that_dies_leaves_no_stale_numbers(tiny_runs, tmp_path, monkeypatch, capsys):
+    """The rerun clears the earlier run's images and its geneval.json together: a run killed in between must not
+    leave the old numbers beside the new, partial images."""
+    few = ["geneval", "--ckpt", str(tiny_runs / "miro"), "--n-per-prompt", "1", "--min-per-task", "1", "--steps", "1",
+           "--out", str(tmp_path)]
+    evaluate.main(few)
+    assert (tmp_path / "geneval.json").exists() and any((tmp_path / "geneval").iterdir())
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+    monkeypatch.setattr(evaluate.Context, "run", killed)
+    with pytest.raises(SystemExit):
+        evaluate.main(few)
+    assert not (tmp_path / "geneval.json").exists() and not (tmp_path / "geneval").exists()
+
+
 def test_tts_best_of_n_curves_for_miro_and_the_baseline(tiny_runs, tmp_path):
     """tts: each prompt's max-n candidates once, then for N = 1, 2, 4 the best of the first N by --select-by: its
     mean can only grow with N; both models get a curve under their own label (a baseline alone is not 'MIRO')."""
@@ -435,6 +468,7 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
     for metric, value in result["speedup"].items():
         base, miro = [c[metric] for c in curves["baseline"]], [c[metric] for c in curves["miro"]]
         assert value == evaluate.speedup([4, 8], base, miro)
+        assert result["matched_speedup"][metric] == evaluate.speedup([4, 8], base, miro, matched=True)
     assert "diversity" not in result["speedup"] and {"geneval", "alignment", "sharpness"} <= set(result["speedup"])
     assert (out / "convergence.png").stat().st_size > 0
     assert (out / "table.md").read_text().count("\n") == len(table) + 2
@@ -455,11 +489,14 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
         base, miro = ([(a[metric] + b[metric]) / 2 for a, b in zip(curves[run], curves[f"{run}_seed1"])]
                       for run in ("baseline", "miro"))
         assert value == evaluate.speedup([4, 8], base, miro)
+        assert result["mean_matched_speedups"][metric] == evaluate.speedup([4, 8], base, miro, matched=True)
     assert set(result["mean_speedups"]) == set(result["speedup"])
+    assert result["seed_matched_speedups"]["0"] == result["matched_speedup"]
     spread = (out / "seeds.md").read_text().splitlines()
-    assert len(spread) == 11 and spread[4].startswith("| MIRO >= baseline |") and spread[5] == ""
+    assert len(spread) == 17 and spread[4].startswith("| MIRO >= baseline |") and spread[5] == spread[11] == ""
     assert spread[6].startswith("| speed-up |") and [r[:10] for r in spread[8:10]] == ["| seed 0 |", "| seed 1 |"]
-    assert spread[10].startswith("| mean curve of 2 seeds |")
+    assert spread[10].startswith("| mean curve of 2 seeds |") and spread[12].startswith("| matched speed-up |")
+    assert spread[16].startswith("| mean curve of 2 seeds |")
     # curves (the repeated seeds' too), tuned row, ablations; evaluated two at a time, so in no fixed order
     assert sorted(contexts) == sorted([*kept, Path("miro", "ckpt.pt"), *final])
     n_evaluations = len(contexts)

@@ -82,7 +82,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tiny_runs, tmp_path):
     run = runs / "miro"
     assert_same_weights(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"), load_checkpoint(run / "ckpt.pt"),
                         atol=1e-5)
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "ckpt_0000004.pt", "ckpt_0000008.pt",
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock", "ckpt.pt", "ckpt_0000004.pt", "ckpt_0000008.pt",
                                                      "config.json", "log.txt", "samples"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000004.png", "step_0000008.png"]
     log = (run / "log.txt").read_text().splitlines()

@@ -174,6 +174,27 @@ def test_a_preset_made_for_latents_trains_on_pixels_without_a_vae(tmp_path, monk
     assert load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")["config"]["in_channels"] == 3
 
 
+def test_a_run_folder_has_one_writer(tiny_runs, tmp_path, capsys):
+    """A new run never overwrites a run folder that holds a checkpoint, and a second process cannot train in a
+    folder whose lock another one holds (the lock dies with its process: nothing to clean up after a kill)."""
+    import fcntl
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs / "miro", runs / "miro")
+    with pytest.raises(SystemExit):
+        train.main(tiny_train_args(runs, "--data-dir", str(tiny_runs.parent / "data")))
+    assert f"{runs / 'miro'} already holds a run: continue it with --resume" in capsys.readouterr().err
+    assert load_checkpoint(runs / "miro" / "ckpt.pt")["step"] == 8  # untouched
+    with open(runs / "miro" / ".train.lock", "a") as other:  # another process training that run
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit):
+            train.main(tiny_train_args(runs, "--data-dir", str(tiny_runs.parent / "data"), "--resume",
+                                       str(runs / "miro"), "--steps", "9"))
+        assert "another process is training" in capsys.readouterr().err
+    train.main(tiny_train_args(runs, "--data-dir", str(tiny_runs.parent / "data"), "--resume", str(runs / "miro"),
+                               "--steps", "9"))  # once it has stopped
+    assert load_checkpoint(runs / "miro" / "ckpt.pt")["step"] == 9
+
+
 def test_the_model_is_fed_each_samples_binned_rewards(tiny_runs, tmp_path, monkeypatch):
     """Training conditions each sample on its own reward bin values (the checkpoint's bins of its annotations)."""
     seen_keys, seen_rewards = [], []
