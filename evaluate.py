@@ -672,7 +672,7 @@ def cmd_rewards(args, ctx):
 
 def cmd_diversity(args, ctx):
     """Per prompt, the mean pairwise distance between its samples (pixel features offline)."""
-    items = evaluation_items(args.prompts, ctx.world, max(2, args.n_per_prompt), args.min_per_task)
+    items = evaluation_items(args.prompts, ctx.world, args.n_per_prompt, args.min_per_task)
     value = diversity(ctx.run(items, Judges({}, None, pixel_features)), items)
     log(f"diversity (mean pairwise RMS distance of 8x8 colour layouts): {value:.4f}")
     return {"diversity": value, "images": len(items)}
@@ -1157,6 +1157,8 @@ def parse_args(argv=None):
         p.error("--cfg must be >= 0 and finite")
     if getattr(args, "min_per_task", 0) < 0:
         p.error("--min-per-task must be >= 0")
+    if args.command == "diversity" and args.n_per_prompt < 2:
+        p.error("--n-per-prompt: diversity compares a prompt's samples, so it needs at least 2")
     if getattr(args, "repeat_seeds", 0) < 0:
         p.error("--repeat-seeds must be >= 0")
     if args.command == "convergence":

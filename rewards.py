@@ -1873,7 +1873,12 @@ def _directory_lock(out_dir: Path, rank: int, world_size: int):
     lock = open(out_dir / ".annotate.lock", "a") if rank == 0 else None
     try:
         if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # say why nothing happens: the other run may take hours
+                print(f"waiting for another annotation run on {out_dir} to finish (it holds "
+                      f"{out_dir / '.annotate.lock'})", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
         _barrier(world_size)
         yield
     finally:

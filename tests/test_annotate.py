@@ -273,6 +273,24 @@ def test_concurrent_runs_on_one_folder_serialise(tmp_path, world):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == OUTPUTS
 
 
+def test_a_run_waiting_for_the_folder_lock_says_so(tmp_path, capsys):
+    import fcntl
+    import threading
+    entered = threading.Event()
+
+    def second_run():
+        with rewards._directory_lock(tmp_path, rank=0, world_size=1):
+            entered.set()
+    with open(tmp_path / ".annotate.lock", "a") as first:  # the first run holds the folder
+        fcntl.flock(first, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=second_run)
+        waiting.start()
+        assert not entered.wait(1.0)  # it waits ...
+        assert f"waiting for another annotation run on {tmp_path} to finish" in capsys.readouterr().out  # ... and says so
+    waiting.join(timeout=10)
+    assert entered.is_set()  # and goes on once the first run is done
+
+
 def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
     single = tmp_path / "single"
     rewards.annotate(world, rewards.BUILTIN_REWARDS, single, batch_size=16, verbose=False)

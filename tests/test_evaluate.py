@@ -351,6 +351,7 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["geneval", "--cfg", "-1"], "--cfg must be >= 0"),
     (["geneval", "--cfg", "nan"], "--cfg must be >= 0 and finite"),
     (["rewards", "--min-per-task", "-5"], "--min-per-task must be >= 0"),
+    (["diversity", "--n-per-prompt", "1"], "diversity compares a prompt's samples, so it needs at least 2"),
     (["convergence", "--condition", "contrast,bogus"], r"--condition: unknown reward\(s\) bogus; known rewards"),
     (["usage", "--samples", "0"], "--samples must be > 0"),
     (["convergence", "--condition", "sharpness", "--tuned-target", "contrast=0.6"],
