@@ -719,9 +719,9 @@ def main(argv=None):
         except ValueError as e:  # not one usable batch: no captions, unreadable or too small images, ...
             parser.error(f"--data {args.data}: {e}")
         preview_prompts, batches = first[1][:8], itertools.chain([first], batches)  # the first training captions
-        words = [w for caption in first[1] for w in tokenizer.split(caption)]
+        words = [w for caption in first[1] for w in tokenizer.split(caption)] if text_encoder is None else []
         unknown = sum(w not in tokenizer.index for w in words) / max(1, len(words))
-        if text_encoder is None and unknown > 0.2:  # real captions and the shapes world's own few words
+        if unknown > 0.2:  # real captions read by the built-in tokenizer, which knows the shapes world's words only
             log(f"warning: {unknown:.0%} of the first batch's caption words are not among the built-in tokenizer's "
                 f"{len(tokenizer.words)} words (read as <unk>, e.g. {', '.join(tokenizer.unknown(first[1])[:5])}); "
                 f"real captions need --text-encoder t5 or clip")
