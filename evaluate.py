@@ -460,7 +460,8 @@ def summarize(rows: list[dict], items: list[dict]) -> dict:
     diversity."""
     prompts = [it["index"] for it in items]
     out = {"rewards": {name: mean_ci([r["rewards"][name] for r in rows], prompts) for name in rows[0]["rewards"]}}
-    out["geneval"] = geneval_summary(rows, items)
+    if "correct" in rows[0]:  # judged with a detector
+        out["geneval"] = geneval_summary(rows, items)
     if "features" in rows[0]:
         out["diversity"] = diversity(rows, items)
     return out
@@ -964,9 +965,10 @@ def check_convergence_settings(out: Path, runs: dict[str, list[str]], evaluation
 
 def cmd_convergence(args, _ctx=None):
     """Train, evaluate every kept checkpoint of the baseline and MIRO and the final ones of the ablations, then
-    compute the paper's speedup for every metric and write the curves (PNG) and a Table-1-style table. MIRO is
-    conditioned on --condition (by default the learned shapes_clip, trained once on the built-in world, in place of
-    the rule-based alignment); the judges are the built-in rewards, the condition and the GenEval-style detector."""
+    compute the paper's speedup (and the matched one, see speedup) for every metric and write the curves (PNG) and
+    a Table-1-style table. MIRO is conditioned on --condition (by default the learned shapes_clip, trained once on
+    the built-in world, in place of the rule-based alignment); the judges are the built-in rewards, the condition
+    and the GenEval-style detector."""
     preset = dict(CONVERGENCE_PRESETS["quick" if args.quick else "full"])
     total = preset["steps"] = args.train_steps or preset["steps"]
     steps = (list(range(args.eval_every, total + 1, args.eval_every)) if args.eval_every else

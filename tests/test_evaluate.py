@@ -223,6 +223,7 @@ def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path)
     out = json.loads((tmp_path / "rewards.json").read_text())["rewards"]
     assert set(out) == {"alignment", "sharpness", "cleanliness", "contrast"}
     assert all(0 <= v["mean"] <= 1 and v["ci95"] >= 0 and v["n"] == v["prompts"] == 29 for v in out.values())
+    assert "geneval" not in json.loads((tmp_path / "rewards.json").read_text())  # judged without a detector
     (tmp_path / "one.txt").write_text("a red circle\n")  # one image: no interval, and still strict JSON (null)
     res = run_eval("rewards", "--ckpt", ckpt, "--prompts", str(tmp_path / "one.txt"), "--n-per-prompt", "1",
                    "--steps", "2", "--judge-rewards", "contrast", "--out", str(tmp_path))
