@@ -43,9 +43,12 @@ import torch.nn.functional as F
 import data
 import rewards
 import train
-from sample import generate, open_checkpoint, parse_reward_targets, to_uint8
+from sample import as_saved, generate, open_checkpoint, parse_reward_targets, to_uint8
 
 SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
+# Bump when the same images and settings would be judged differently, so that cached evaluations are not reused.
+# 2: images judged on their 8-bit PNG levels; judges at rewards.REWARD_VERSIONS; the detector's noise guard.
+EVALUATION_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,7 +388,8 @@ class Judges:
 def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
                      batch_size=64, on_images=None, vae=None, neg_prompt=None) -> list[dict]:
     """Generate and judge this rank's share of `items` (image i with its own noise seed), then gather: returns
-    one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch.
+    one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch. The
+    images are judged (and seen) as written to PNG, on 8-bit levels, so a saved folder rescored gives the same.
     neg_prompt: the negative branch's caption for every image (None: sample.generate's default)."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(items), world_size))
@@ -394,10 +398,11 @@ def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50
         idx = mine[lo:lo + batch_size]
         batch = [items[i] for i in idx]
         n = len(idx)
-        images = generate(model, text_encoder, [it["prompt"] for it in batch],
-                          None if pos is None else pos.expand(n, -1), None if neg is None else neg.expand(n, -1),
-                          None if neg_prompt is None else [neg_prompt] * n, cfg=cfg, steps=steps, device=device,
-                          batch_size=batch_size, seeds=[seed * SEED_STRIDE + i for i in idx], vae=vae)
+        pos_n, neg_n = (None if r is None else r.expand(n, -1) for r in (pos, neg))
+        images = as_saved(generate(model, text_encoder, [it["prompt"] for it in batch], pos_n, neg_n,
+                                   None if neg_prompt is None else [neg_prompt] * n, cfg=cfg, steps=steps,
+                                   device=device, batch_size=batch_size, seeds=[seed * SEED_STRIDE + i for i in idx],
+                                   vae=vae))
         if on_images is not None:
             on_images(idx, images)
         local.update(zip(idx, judges((images + 1) / 2, batch)))
@@ -989,8 +994,8 @@ def cmd_convergence(args, _ctx=None):
     args.steps, args.n_per_prompt = preset["sample_steps"], preset["n_per_prompt"]
     args.min_per_task = preset["min_per_task"]
     # What the evaluations' numbers depend on (not --jobs, --batch-size or --device: at most rounding).
-    evaluation = {"seed": args.seed, "sample_steps": args.steps, "n_per_prompt": args.n_per_prompt,
-                  "min_per_task": args.min_per_task, "cfg": args.cfg, "judges": judges,
+    evaluation = {"version": EVALUATION_VERSION, "seed": args.seed, "sample_steps": args.steps,
+                  "n_per_prompt": args.n_per_prompt, "min_per_task": args.min_per_task, "cfg": args.cfg, "judges": judges,
                   "reward_options": args.reward_options, "detector": args.detector,
                   "detector_options": args.detector_options}
     check_convergence_settings(out, {name: [*common, *flags] for name, flags in runs.items()}, evaluation)

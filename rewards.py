@@ -230,6 +230,10 @@ class DetectorConfig:
     min_value: float = 0.25           #   not too dark,
     max_hue_dist: float = 0.06        #   and a hue this close (in turns) to a palette hue
     noise_level: float = 0.018        # median |x - median3x3(x)| above this: the image is median-filtered first
+    background_tolerance: float = 0.1  # a pixel within this RGB distance of the image's median colour is background;
+    min_background: float = 0.15      #   an image with less background than this is noise (none of its blobs are
+                                      #   shapes): uniform or Gaussian noise has 1-9%, the built-in world >= 8%
+                                      #   (1st percentile 56%), generated images >= 28% after 100 training steps
     min_area: float = 0.012           # components below this share of the image are specks: dropped,
     min_side: float = 0.08            #   as are components narrower than this share of the image side
     min_thickness: float = 1.6        #   and thin strokes (area / longest box side, in pixels)
@@ -263,6 +267,8 @@ def detect_shapes(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) 
     """Find the coloured shapes in images (B,3,H,W) in [0,1].
 
     1. Noisy images are median-filtered (only those: the median also clips the corners and tips of small shapes).
+       An image with almost no pixels of its background (median) colour has no shapes: in pure noise, colour
+       segmentation alone finds "shapes" in about 3 images of 4.
     2. Each pixel is foreground if saturated, bright enough and near a palette hue; it takes the nearest colour.
     3. Connected components per colour; specks, thin lines and tiny blobs (clutter) are dropped.
     4. Each component is weighted by its pixels' distance from the background colour over the component's peak
@@ -280,6 +286,9 @@ def detect_shapes(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) 
     smooth = median3x3(x)
     noisy = (x - smooth).abs().amax(1).flatten(1).median(1).values > cfg.noise_level
     x = torch.where(noisy.view(b, 1, 1, 1), smooth, x)
+    background = x.flatten(2).median(2).values                                          # (B,3): most pixels
+    near_background = (x - background[:, :, None, None]).norm(dim=1) < cfg.background_tolerance
+    has_background = near_background.flatten(1).float().mean(1) >= cfg.min_background
 
     hue, sat, val = rgb_to_hsv(x)
     hue_dist = (hue.unsqueeze(1) - PALETTE_HUES.view(1, k, 1, 1)).abs()
@@ -287,7 +296,7 @@ def detect_shapes(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) 
     peak_sat = median3x3(sat.unsqueeze(1)).flatten(1).amax(1).view(b, 1, 1)           # thin clutter excluded
     min_sat = (cfg.relative_saturation * peak_sat).clamp(cfg.floor_saturation, cfg.min_saturation)
     nearest_dist, nearest = hue_dist.min(1)
-    fg = (sat > min_sat) & (val > cfg.min_value) & (nearest_dist < cfg.max_hue_dist)
+    fg = (sat > min_sat) & (val > cfg.min_value) & (nearest_dist < cfg.max_hue_dist) & has_background.view(b, 1, 1)
     masks = ((nearest.unsqueeze(1) == torch.arange(k).view(1, k, 1, 1)) & fg.unsqueeze(1)).flatten(0, 1)
     planes = masks.flatten(1).any(1).nonzero()[:, 0]       # (image, colour) planes with pixels: usually 1-3 of K
     if len(planes) == 0:
@@ -299,7 +308,6 @@ def detect_shapes(images: torch.Tensor, cfg: DetectorConfig = DetectorConfig()) 
     plane = planes[plane]
     uniq, comp = torch.unique(plane * (h * w + 1) + labels[labels > 0].long(), return_inverse=True)
     nc, comp_plane = len(uniq), uniq // (h * w + 1)
-    background = x.flatten(2).median(2).values                                          # (B,3): most pixels
     dist = (x - background[:, :, None, None]).norm(dim=1)[plane // k, ys, xs]
     weight = dist / torch.zeros(nc).scatter_reduce(0, comp, dist, "amax")[comp]
 
@@ -1560,10 +1568,16 @@ class RewardBins:
 #   annotations.rank{r}.jsonl  what rank r scored since the last merge: one row {"key": ..., name: score} per pair,
 #                              appended, flushed and fsynced per batch (a crash loses at most the batch in flight)
 #   bins.json, summary.json    fitted / computed on the merged table at the end of every run
-# A (key, reward) pair found in any of these files is never scored again, whatever the world size of the rerun.
+#   reward_versions.json       {reward: REWARD_VERSIONS entry} of the scores in the folder (absent: version 1)
+# A (key, reward) pair found in any of these files is never scored again, whatever the world size of the rerun,
+# unless its reward's version changed: then its columns are dropped and scored again.
 # One annotate run (one process, or one torchrun job) per out_dir at a time.
 
 ANNOTATIONS = "annotations.jsonl"
+VERSIONS = "reward_versions.json"
+# Bump a reward's entry whenever its scores change, so that annotation folders scored before are rescored rather
+# than mixed (a reward without an entry is at version 1).
+REWARD_VERSIONS = {"alignment": 2}  # 2: the shape detector finds nothing in images without a background (noise)
 _PART = re.compile(r"annotations\.rank(\d+)\.jsonl")
 QUANTILES = (5, 25, 50, 75, 95)  # percentiles reported in summary.json
 
@@ -1834,6 +1848,7 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     is a column of its own: the reward on that caption field, for the records that have one; it shares the reward's
     bins. Under torch.distributed (world_size > 1, every rank calling) rank 0 then merges all part files into
     annotations.jsonl; bins.json holds every reward in the table.
+    Scores of a reward whose REWARD_VERSIONS entry changed since they were made are dropped and scored again.
     rescore: names whose scores already in out_dir are dropped first and scored again from scratch: a retrained
     model (say shapes_clip) would otherwise keep the old model's scores, as every scored pair is skipped.
     cpu_threads: torch threads while scoring on the CPU. The built-in rewards are many small ops: with 2 threads and
@@ -1842,14 +1857,47 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     """
     source, out_dir = _as_source(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = [r if isinstance(r, str) else r.name for r in rewards]
     with _directory_lock(out_dir, rank, world_size):
-        if rescore:  # rank 0 drops the old columns while the other ranks wait
-            if rank == 0:
-                _merge_parts(out_dir, drop=rescore)
-            _barrier(world_size)
-        _check_field_columns(out_dir, [r if isinstance(r, str) else r.name for r in rewards])
+        if rank == 0:  # rank 0 drops old columns and records the versions while the other ranks wait
+            stale = _stale_columns(out_dir)
+            if stale and verbose:
+                print(f"{out_dir}: the scores of {', '.join(stale)} were made by an older version of the reward: "
+                      f"dropped, to be scored again", flush=True)
+            if rescore or stale:
+                _merge_parts(out_dir, drop=[*rescore, *stale])
+            _record_versions(out_dir, names)
+        _barrier(world_size)
+        _check_field_columns(out_dir, names)
         return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
                                 rank, world_size, num_workers, verbose, cpu_threads)
+
+
+def _recorded_versions(out_dir: Path) -> dict[str, int]:
+    path = out_dir / VERSIONS
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it to rescore every reward in {out_dir}") from None
+
+
+def _stale_columns(out_dir: Path) -> list[str]:
+    """The columns of out_dir (a "name@field" column goes with its reward `name`) scored by another version of
+    their reward than REWARD_VERSIONS says."""
+    recorded = _recorded_versions(out_dir)
+    columns = {n for path in [out_dir / ANNOTATIONS, *_part_files(out_dir)] for row in _iter_rows(path) for n in row}
+    columns.discard("key")
+    return sorted(n for n in columns if recorded.get(n.partition("@")[0], 1)
+                  != REWARD_VERSIONS.get(n.partition("@")[0], 1))
+
+
+def _record_versions(out_dir: Path, names: Sequence[str]):
+    """Add the current version of each reward in `names` to out_dir's record, before scoring: whatever of theirs
+    the folder holds from now on (an interrupted run included) is of this version."""
+    recorded = _recorded_versions(out_dir)
+    versions = {**recorded, **{b: REWARD_VERSIONS.get(b, 1) for b in (n.partition("@")[0] for n in names)}}
+    if versions != recorded:
+        data._atomic_write(out_dir / VERSIONS, lambda f: f.write(json.dumps(versions, indent=1).encode()))
 
 
 def _check_field_columns(out_dir: Path, names: Sequence[str]):

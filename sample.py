@@ -129,6 +129,12 @@ def to_uint8(images):
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def as_saved(images):
+    """(N, C, H, W) in [-1, 1] -> the same on the 8-bit levels a PNG keeps (to_uint8 of it is exact), so what is
+    judged is what is written."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def save_grid(images, path, ncols=None, scale=4):
     """Write images (N, C, H, W) in [-1, 1] as one PNG grid, upscaled `scale` x with nearest neighbours."""
     pixels = to_uint8(images)

@@ -53,7 +53,8 @@ def world(tmp_path_factory):
     return data.build_shapes_dataset(data.WorldConfig(num_train=N), tmp_path_factory.mktemp("world"))
 
 
-OUTPUTS = [".annotate.lock", "annotations.jsonl", "bins.json", "summary.json"]  # what a finished run leaves
+# what a finished run leaves
+OUTPUTS = [".annotate.lock", "annotations.jsonl", "bins.json", "reward_versions.json", "summary.json"]
 
 
 def rows(path: Path) -> list[dict]:
@@ -168,6 +169,36 @@ def test_rescore_replaces_a_retrained_rewards_scores(tmp_path, world, probe, mon
     assert all(list(r) == ["key", "alignment", "probe"] for r in rows(tmp_path / "annotations.jsonl"))
     assert RewardBins.load(tmp_path / "bins.json").edges["probe"].min() >= 7  # refitted to the new scores
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
+
+
+def test_a_changed_reward_version_rescores_its_columns(tmp_path, probe, monkeypatch, capsys):
+    """Scores of an older version of a reward (REWARD_VERSIONS; a folder without a record is at version 1) are
+    dropped with their NAME@FIELD columns and scored again, before anything else; the other columns are kept."""
+    source = ListSource(mixed_records())
+    constant = lambda device="cpu": rewards.Reward("other", lambda images, captions: torch.full((len(captions),), 3.0),
+                                                   device, ragged=True)
+    monkeypatch.setitem(rewards.REWARDS, "other", constant)
+    names = ["probe", "probe@synthetic_caption", "other"]
+    first = rewards.annotate(source, names, tmp_path, batch_size=4, verbose=False)
+    assert json.loads((tmp_path / "reward_versions.json").read_text()) == {"probe": 1, "other": 1}
+    changed = lambda device="cpu": rewards.Reward("probe", lambda images, captions: torch.arange(len(captions)) + 7.0,
+                                                  device, ragged=True)
+    monkeypatch.setitem(rewards.REWARDS, "probe", changed)
+    kept = rewards.annotate(source, names, tmp_path, batch_size=4, verbose=False)
+    assert json.dumps(kept, sort_keys=True) == json.dumps(first, sort_keys=True)  # same version: kept (NaN too)
+    monkeypatch.setitem(rewards.REWARD_VERSIONS, "probe", 2)
+    new = rewards.annotate(source, ["probe", "other"], tmp_path, batch_size=4)
+    assert "the scores of probe, probe@synthetic_caption were made by an older version" in capsys.readouterr().out
+    assert all(new[k]["probe"] >= 7 and new[k]["other"] == 3 for k in first)
+    assert not any("probe@synthetic_caption" in row for row in new.values())  # stale: gone until asked for again
+    assert json.loads((tmp_path / "reward_versions.json").read_text()) == {"probe": 2, "other": 1}
+    assert rewards.annotate(source, ["probe"], tmp_path, batch_size=4, verbose=False) == new
+    (tmp_path / "reward_versions.json").unlink()  # a folder annotated before versions were recorded: version 1
+    monkeypatch.setitem(rewards.REWARD_VERSIONS, "other", 5)
+    monkeypatch.setitem(rewards.REWARD_VERSIONS, "probe", 1)
+    rewards.annotate(source, ["probe"], tmp_path, batch_size=4, verbose=False)
+    table = rewards.load_annotations(tmp_path / "annotations.jsonl")
+    assert all("probe" in row and "other" not in row for row in table.values())
 
 
 @pytest.mark.parametrize("layout", ["folder", "webdataset"])

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
+import rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "benchmarks"
@@ -184,6 +187,13 @@ def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
             assert (folder / "samples" / png).read_bytes() == \
                    (tmp_path / "two" / "geneval" / folder.name / "samples" / png).read_bytes()
     assert a["images"] == sum(len(list((f / "samples").iterdir())) for f in folders)
+    # the numbers are those of the images as written: the PNGs, judged again, give geneval.json's numbers
+    pngs = [(json.loads((f / "metadata.jsonl").read_text()), png) for f in folders
+            for png in sorted((f / "samples").iterdir())]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1) for _, png in pngs]) / 255
+    rows = [{"correct": rewards.geneval_correct(meta, found)} for (meta, _), found in
+            zip(pngs, rewards.detect_shapes(images))]
+    assert evaluate.geneval_summary(rows, [meta for meta, _ in pngs]) == a["geneval"]
 
 
 def test_convergence_evaluations_two_at_a_time_match_one_at_a_time(tiny_runs, tmp_path):
@@ -273,7 +283,7 @@ def test_neg_prompt_reaches_the_negative_branch(tiny_runs, tmp_path):
 def test_every_image_of_an_evaluation_has_its_own_noise_seed(tiny_runs):
     """Images of one prompt differ (diversity > 0), and image i is generated from seed * SEED_STRIDE + i whatever
     batch it falls in."""
-    from sample import generate, open_checkpoint
+    from sample import as_saved, generate, open_checkpoint
     _, ckpt, model, tok, _ = open_checkpoint(tiny_runs / "miro")
     items = evaluate.repeat_prompts([{"prompt": "a photo of a red circle"}, {"prompt": "a photo of two squares"}], 2)
     R, cfg = len(model.cfg.reward_names), ckpt["sampling"]["cfg"]
@@ -283,7 +293,7 @@ def test_every_image_of_an_evaluation_has_its_own_noise_seed(tiny_runs):
     f = torch.tensor([r["features"] for r in rows])
     assert (torch.cdist(f, f) + torch.eye(4)).min() > 1e-3 and evaluate.diversity(rows, items) > 1e-3
     last = generate(model, tok, [items[3]["prompt"]], pos, neg, cfg=cfg, steps=2, seeds=[evaluate.SEED_STRIDE + 3])
-    torch.testing.assert_close(evaluate.pixel_features((last + 1) / 2)[0], f[3])
+    torch.testing.assert_close(evaluate.pixel_features((as_saved(last) + 1) / 2)[0], f[3])  # judged as saved
 
 
 class ReadsRewardAndCaption(torch.nn.Module):

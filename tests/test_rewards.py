@@ -101,6 +101,20 @@ def test_detector_on_hand_drawn_shapes():
     assert rewards.detect_shapes(blank) == [[]]
 
 
+def test_detector_finds_nothing_in_noise():
+    """Colour segmentation alone finds "shapes" in about 3 of 4 noise images; an image without a background
+    (a model's untrained output: its initial Gaussian noise) has none, so it scores 0 on every caption."""
+    torch.manual_seed(0)
+    uniform = torch.rand(200, 3, 32, 32)
+    gaussian = ((torch.randn(200, 3, 32, 32).clamp(-1, 1) + 1) * 127.5).round() / 255   # x_1 of the sampler, saved
+    unguarded = rewards.DetectorConfig(min_background=0)
+    assert np.mean([len(d) > 0 for d in rewards.detect_shapes(uniform, unguarded)]) > 0.5  # what the guard is for
+    for noise in (uniform, gaussian):
+        assert rewards.detect_shapes(noise) == [[] for _ in noise]
+    captions = [f"a photo of a {c} {s}" for c in data.COLORS for s in ("circle", "square", "triangle")]
+    assert rewards.alignment_score(uniform[:len(captions)], captions).max() == 0
+
+
 def test_detector_reads_clean_scenes():
     images, truths, scenes = clean_scenes(300)
     dets = rewards.detect_shapes(to_batch(images))
