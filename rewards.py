@@ -233,7 +233,7 @@ class DetectorConfig:
     background_tolerance: float = 0.1  # a pixel within this RGB distance of the image's median colour is background;
     min_background: float = 0.15      #   an image with less background than this is noise (none of its blobs are
                                       #   shapes): uniform or Gaussian noise has 1-9%, the built-in world >= 8%
-                                      #   (1st percentile 56%), generated images >= 28% after 100 training steps
+                                      #   (1st percentile 56%), generated images >= 27% after 100 training steps
     min_area: float = 0.012           # components below this share of the image are specks: dropped,
     min_side: float = 0.08            #   as are components narrower than this share of the image side
     min_thickness: float = 1.6        #   and thin strokes (area / longest box side, in pixels)
