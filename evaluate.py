@@ -995,8 +995,8 @@ def cmd_convergence(args, _ctx=None):
     args.min_per_task = preset["min_per_task"]
     # What the evaluations' numbers depend on (not --jobs, --batch-size or --device: at most rounding).
     evaluation = {"version": EVALUATION_VERSION, "seed": args.seed, "sample_steps": args.steps,
-                  "n_per_prompt": args.n_per_prompt, "min_per_task": args.min_per_task, "cfg": args.cfg, "judges": judges,
-                  "reward_options": args.reward_options, "detector": args.detector,
+                  "n_per_prompt": args.n_per_prompt, "min_per_task": args.min_per_task, "cfg": args.cfg,
+                  "judges": judges, "reward_options": args.reward_options, "detector": args.detector,
                   "detector_options": args.detector_options}
     check_convergence_settings(out, {name: [*common, *flags] for name, flags in runs.items()}, evaluation)
     t0 = time.time()

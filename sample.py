@@ -124,15 +124,20 @@ def parse_reward_targets(spec, reward_names, default, owner="this checkpoint"):
 # ----------------------------------------------------------------------------------------------------------------
 # Images on disk.
 
+def _levels(images):
+    """(N, C, H, W) in [-1, 1] -> float 8-bit levels 0..255."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round()
+
+
 def to_uint8(images):
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return _levels(images).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def as_saved(images):
     """(N, C, H, W) in [-1, 1] -> the same on the 8-bit levels a PNG keeps (to_uint8 of it is exact), so what is
     judged is what is written."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return _levels(images) / 127.5 - 1
 
 
 def save_grid(images, path, ncols=None, scale=4):

@@ -336,6 +336,11 @@ def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
         assert (tmp_path / "two" / name).read_bytes() == (single / name).read_bytes(), name
     assert len(rows(single / "annotations.jsonl")) == N
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == OUTPUTS
+    # a corrupt versions record: a one-line error, and torchrun stops the rank that waits for rank 0
+    (tmp_path / "two" / "reward_versions.json").write_text("{")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "reward_versions.json: not valid JSON" in result.stderr
 
 
 def test_torchrun_with_tiny_real_rewards_gives_the_single_process_table(tmp_path, world):
