@@ -227,7 +227,11 @@ def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
         print(f"  step {variant}: {ms:.1f} ms", flush=True)  # progress: compiling a variant takes a minute
         if profile and variant == variants[-1]:
             print(f"\nWhere the time goes, step {variant} (3 steps):")
-            profile_step(step, device)
+            previous = kernels.set_impl(STEP_VARIANTS[variant])  # the step's own impl: another would recompile it
+            try:
+                profile_step(step, device)
+            finally:
+                kernels.set_impl(previous)
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
                      "MFU_pct": mfu_percent(model.flops_per_image(), images_per_s, peak) if peak else None,

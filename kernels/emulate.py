@@ -1,11 +1,11 @@
 """Run the CUDA kernels of kernels/csrc on a CPU, to test their indexing and arithmetic where there is no GPU.
 
-The .cu files are compiled by g++ against cpu_emulation/ (a stand-in for cuda_runtime.h and cuda_bf16.h that runs
-each CUDA thread of a block as a std::thread), after two textual rewrites that C++ needs: `k<<<grid, block, smem,
-stream>>>(args)` becomes `emu::launch(k, grid, block, smem, stream, args)` and the dynamic shared-memory declaration
-becomes a pointer to the emulated block's shared memory. `Emulated` then calls the launchers exactly as ops.cpp
-does (same allocations, chunking and finishing sums), on CPU tensors. What this cannot check, the GPU tests do:
-races between warps, real memory alignment, the torch bindings and speed.
+The .cu files are compiled by g++ against cpu_emulation/ (a stand-in for cuda_runtime.h and cuda_bf16.h that runs each
+CUDA thread of a block as a fiber, all on one OS thread in a fixed order), after two textual rewrites that C++ needs:
+`k<<<grid, block, smem, stream>>>(args)` becomes `emu::launch(k, grid, block, smem, stream, args)` and the dynamic
+shared-memory declaration becomes a pointer to the emulated block's shared memory. `Emulated` then calls the launchers
+exactly as ops.cpp does (same allocations, chunking and finishing sums), on CPU tensors. What this cannot check, the
+GPU tests do: races (the fibers' fixed order hides them), real memory alignment, the torch bindings and speed.
 """
 import ctypes
 import re

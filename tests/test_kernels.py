@@ -197,6 +197,17 @@ def test_set_impl_sets_the_default(fresh_dispatch):
         kernels.set_impl("fast")
 
 
+def test_bench_times_and_profiles_each_step_under_its_own_impl(fresh_dispatch, monkeypatch):
+    from kernels import bench
+    seen = []
+    monkeypatch.setattr(bench, "timed", lambda step, device, warmup, iters: seen.append(("timed", kernels.get_impl()))
+                        or 1.0)
+    monkeypatch.setattr(bench, "profile_step", lambda step, device: seen.append(("profile", kernels.get_impl())))
+    rows = bench.bench_steps(torch.device("cpu"), ["eager"], "tiny", batch=2, bf16=False, iters=1, profile=True)
+    assert seen == [("timed", "torch"), ("profile", "torch")]  # a profile under "auto" would recompile another step
+    assert kernels.get_impl() == "auto" and [r["variant"] for r in rows] == ["eager"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Build machinery: the lock, the toolkit, the architecture list, nvcc's register report, the full build.
 
