@@ -174,8 +174,9 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default=None, help="folder holding the run folders (default: runs)")
     p.add_argument("--resume", default=None,
                    help="run folder (or ckpt.pt) to continue as it was trained (its preset, rewards, seed, data and "
-                        "optimisation settings); flags may change only --steps, --grad-accum, --cfg, --data's path "
-                        "and the logging / checkpoint / preview / NaN bookkeeping")
+                        "optimisation settings); flags may change only --steps (the cosine then spans the new total), "
+                        "--grad-accum, --cfg, the data's paths (--data, --data-dir, --annotations) and the logging / "
+                        "checkpoint / preview / NaN bookkeeping")
     p.add_argument("--no-rewards", action="store_true", help="train the baseline: same network, no reward tokens")
     p.add_argument("--rewards", default=None,
                    help="comma-separated rewards to condition on (default: the seven of the paper for --preset "
@@ -191,12 +192,13 @@ def parse_args(argv=None):
     p.add_argument("--annotations", default=None,
                    help="--data: rewards.py annotate's annotations.jsonl, joined by sample key (default: "
                         "annotations.jsonl in the --data folder, or beside the manifest / shards)")
-    p.add_argument("--missing-rewards", default="skip", choices=["skip", "lowest"],
-                   help="--data: samples without every reward score are skipped, or trained at the lowest bin")
-    p.add_argument("--synthetic-caption-prob", type=float, default=0.0,
+    p.add_argument("--missing-rewards", default=None, choices=["skip", "lowest"],
+                   help="--data: samples without every reward score are skipped (default), or trained at the "
+                        "lowest bin")
+    p.add_argument("--synthetic-caption-prob", type=float, default=None,
                    help="--data: probability of training on a sample's synthetic_caption (when it has one) with the "
-                        "rewards scored on it (columns name@synthetic_caption); the paper: 0.5")
-    p.add_argument("--min-image-size", type=int, default=0,
+                        "rewards scored on it (columns name@synthetic_caption); default 0, the paper: 0.5")
+    p.add_argument("--min-image-size", type=int, default=None,
                    help="--data: skip images whose shorter side is below this many pixels (default 0: keep all)")
     p.add_argument("--data-workers", type=int, default=4, help="--data: dataloader worker processes per rank")
     add_frozen_args(p)
@@ -223,19 +225,21 @@ def parse_args(argv=None):
                         if getattr(args, f.name) is not None}  # what --resume checks against the run
     train_cfg = dataclasses.replace(TRAIN_PRESETS[args.preset or NEW_RUN["preset"]], **args.given_train)
     checks = [(train_cfg.steps > 0, "--steps must be > 0"), (train_cfg.batch_size > 0, "--batch-size must be > 0"),
-              (train_cfg.grad_accum > 0, "--grad-accum must be > 0"), (train_cfg.lr > 0, "--lr must be > 0"),
+              (train_cfg.grad_accum > 0, "--grad-accum must be > 0"), (0 < train_cfg.lr < math.inf, "--lr must be > 0 and finite"),
               (0 <= train_cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
               (0 <= train_cfg.text_dropout < 1, "--text-dropout must be in [0, 1)"),
               (0 <= train_cfg.reward_dropout < 1, "--reward-dropout must be in [0, 1)"),
-              (math.isfinite(train_cfg.cfg) and train_cfg.cfg >= 0, "--cfg must be >= 0 and finite"), (args.num_bins >= 2, "--num-bins must be >= 2"),
+              (math.isfinite(train_cfg.cfg) and train_cfg.cfg >= 0, "--cfg must be >= 0 and finite"),
+              (args.num_bins >= 2, "--num-bins must be >= 2"),
               (args.num_train is None or args.num_train > 0, "--num-train must be > 0"),
-              (0 <= args.synthetic_caption_prob <= 1, "--synthetic-caption-prob must be in [0, 1]"),
-              (args.min_image_size >= 0, "--min-image-size must be >= 0"),
+              (args.synthetic_caption_prob is None or 0 <= args.synthetic_caption_prob <= 1,
+               "--synthetic-caption-prob must be in [0, 1]"),
+              (args.min_image_size is None or args.min_image_size >= 0, "--min-image-size must be >= 0"),
               (args.data_workers >= 0, "--data-workers must be >= 0"),
               (args.data is None or args.data_dir is None, "--data and --data-dir exclude each other"),
               (train_cfg.time_sampling in ("logit_normal", "uniform"), "--time-sampling: logit_normal or uniform"),
               (train_cfg.warmup >= 0, "--warmup must be >= 0"), (train_cfg.grad_clip > 0, "--grad-clip must be > 0"),
-              (train_cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+              (0 <= train_cfg.weight_decay < math.inf, "--weight-decay must be >= 0 and finite"),
               (train_cfg.log_every > 0, "--log-every must be > 0"),
               (train_cfg.ckpt_every > 0, "--ckpt-every must be > 0"),
               (train_cfg.sample_every >= 0, "--sample-every must be >= 0"),
@@ -280,7 +284,9 @@ def parse_args(argv=None):
 
 
 CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins", "train")
-NEW_RUN = {"preset": "cpu", "seed": 0, "num_train": 20000, "data_seed": 0}  # defaults of the run-defining flags
+NEW_RUN = {"preset": "cpu", "seed": 0, "num_train": 20000, "data_seed": 0, "min_image_size": 0,
+           "synthetic_caption_prob": 0.0, "missing_rewards": "skip"}  # defaults of the run-defining flags
+RUN_PATHS = ("data", "data_dir", "annotations")  # where the run's data lives: a resumed run may be pointed elsewhere
 RESUME_MAY_CHANGE = ("steps", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep_every", "on_nan",
                      "max_nan_skips", "cfg")  # TrainConfig fields a resumed run takes from the command line
 
@@ -293,13 +299,14 @@ def _flag_value(value):
 def resumed_settings(ckpt, args):
     """--resume: the TrainConfig and run-defining flags of the run in `ckpt`, as it was trained (args is filled in
     place). A flag given with --resume may change only RESUME_MAY_CHANGE (the length and the bookkeeping) and
-    --data's path (a moved dataset); one that contradicts the run raises ValueError, so that no resumed run trains
+    the data's paths, RUN_PATHS (a moved dataset); one that contradicts the run raises ValueError, so that no resumed run trains
     on other data, with another seed or schedule than the run it continues."""
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"not a train.py checkpoint (no {', '.join(missing)})")
-    run = ckpt.get("run") or {**NEW_RUN, **{n: getattr(args, n) for n in NEW_RUN if getattr(args, n) is not None},
-                              "data": args.data, "data_dir": args.data_dir}  # older checkpoints: the flags decide
+    # What an older checkpoint did not record (the whole run before 2026-12-06), the flags decide.
+    given = {n: getattr(args, n) for n in (*NEW_RUN, *RUN_PATHS) if getattr(args, n) is not None}
+    run = {**NEW_RUN, **dict.fromkeys(RUN_PATHS), **given, **ckpt.get("run", {})}
     trained = TrainConfig(**ckpt["train"])
     saved = {**run, "rewards": tuple(ckpt["config"]["reward_names"])}
     asked = {name: getattr(args, name) for name in NEW_RUN}
@@ -316,7 +323,8 @@ def resumed_settings(ckpt, args):
         raise ValueError(f"a resumed run keeps its settings, but {'; '.join(conflicts)}: train a new run instead")
     for name in NEW_RUN:
         setattr(args, name, run[name])
-    args.data, args.data_dir = args.data or run["data"], args.data_dir or run["data_dir"]
+    for name in RUN_PATHS:
+        setattr(args, name, getattr(args, name) or run[name])
     args.reward_names, args.no_rewards = saved["rewards"], not saved["rewards"]
     return dataclasses.replace(trained, **{n: v for n, v in args.given_train.items() if n in RESUME_MAY_CHANGE})
 
@@ -656,6 +664,13 @@ def main(argv=None):
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         start_step, nan_skipped = resume_ckpt["step"], resume_ckpt.get("nan_skipped", 0)
+        # The optimizer holds the learning rate of the old --steps; a longer run's cosine spans the new total from
+        # its first step on (the same value when --steps is unchanged: resumed runs stay bit-identical).
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(start_step, tc.warmup, tc.steps)
+        if tc.steps != resume_ckpt["train"]["steps"]:
+            log(f"--steps {resume_ckpt['train']['steps']} -> {tc.steps}: the cosine schedule now spans {tc.steps} "
+                f"steps, so the learning rate at step {start_step} is {optimizer.param_groups[0]['lr']:.3g}")
         if distributed:  # a stale copy of the checkpoint on one node would silently train a different model
             steps = [None] * world_size
             dist.all_gather_object(steps, start_step)
@@ -682,8 +697,7 @@ def main(argv=None):
                  "scheduler": scheduler.state_dict(), "step": step, "nan_skipped": nan_skipped,
                  "bins": bins.to_dict() if bins else None, "sampling": {"cfg": tc.cfg},
                  "world": dataclasses.asdict(world), "train": dataclasses.asdict(tc), "frozen": args.frozen,
-                 "run": {**{name: getattr(args, name) for name in NEW_RUN}, "data": args.data,
-                         "data_dir": args.data_dir}}
+                 "run": {name: getattr(args, name) for name in (*NEW_RUN, *RUN_PATHS)}}
         # The kept copy first: a kill between the two writes then leaves ckpt.pt one save behind, and the resumed
         # run redoes this step and writes both (the other order would resume past a kept copy never written).
         if tc.keep_every and step % tc.keep_every == 0:
@@ -768,7 +782,7 @@ def main(argv=None):
                 sys.exit(1)
             log(f"step {step}: {what}; skipped ({nan_streak} in a row, {nan_skipped} in all)")
         optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]  # this step's (logged below)
+        lr = optimizer.param_groups[0]["lr"]  # this step's (logged below)
         scheduler.step()
 
         if step % tc.log_every == 0 or step == tc.steps:

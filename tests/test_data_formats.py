@@ -484,6 +484,28 @@ def test_a_few_training_steps_from_each_format(fmt, workers, datasets, annotated
     assert "no_annotation" in out and "unreadable" in out
 
 
+def test_a_resumed_real_data_run_keeps_its_data_settings(datasets, annotation_file, tmp_path, capsys):
+    """--resume alone trains on the samples and captions the run was started with (size floor, synthetic
+    captions, missing rewards, annotations); a flag that contradicts them is a one-line error."""
+    import train
+    from model import load_checkpoint
+    train.main(real_train_args(tmp_path, datasets["folder"], annotation_file, "--data-workers", "0",
+                               "--synthetic-caption-prob", "0.5", "--missing-rewards", "lowest"))
+    run = load_checkpoint(tmp_path / "miro" / "ckpt.pt")["run"]
+    assert (run["min_image_size"], run["synthetic_caption_prob"], run["missing_rewards"], run["annotations"]) == \
+        (MIN_SIZE, 0.5, "lowest", str(annotation_file))
+    for flag, value, theirs in [("--min-image-size", "0", MIN_SIZE), ("--synthetic-caption-prob", "0.25", 0.5),
+                                ("--missing-rewards", "skip", "lowest")]:
+        with pytest.raises(SystemExit):
+            train.main(["--resume", str(tmp_path / "miro"), "--steps", "4", flag, value])
+        assert f"{flag} {value} (the run's: {theirs})" in capsys.readouterr().err
+    train.main(["--resume", str(tmp_path / "miro"), "--steps", "4", "--data-workers", "0"])
+    resumed = load_checkpoint(tmp_path / "miro" / "ckpt.pt")
+    assert resumed["step"] == 4 and resumed["run"] == run
+    log = (tmp_path / "miro" / "log.txt").read_text()  # both runs trained on synthetic captions
+    assert log.count("no '@synthetic_caption' scores for ['sharpness']") == 2 and "resumed" in log
+
+
 def test_real_data_cli_errors_are_one_line(datasets, annotation_file, tmp_path, capsys):
     import train
     uncaptioned = tmp_path / "uncaptioned"

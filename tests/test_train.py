@@ -1,4 +1,5 @@
 """Training: the flow objective, the schedule, the EMA, and a tiny run that resumes identically."""
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def test_resume_alone_continues_the_run_as_trained(tiny_runs, tmp_path, capsys):
     assert "already at --steps: nothing to train" in capsys.readouterr().out  # its own folder, named: fine
     train.main(["--resume", str(resumed), "--steps", "10", "--log-every", "1"])
     assert load_checkpoint(resumed / "ckpt.pt")["step"] == 10
+    # The longer cosine holds from the first resumed step on (the optimizer had the old schedule's final lr, 0).
+    log, tc = (resumed / "log.txt").read_text(), straight["train"]
+    assert "--steps 8 -> 10: the cosine schedule now spans 10 steps" in log
+    first_lr = float(re.search(r"step +9/10 .* lr (\S+)", log).group(1))
+    assert first_lr == pytest.approx(tc["lr"] * train.lr_factor(8, tc["warmup"], 10), rel=1e-2) and first_lr > 0
 
 
 def test_baseline_has_no_reward_tokens(tiny_runs):
@@ -128,6 +134,9 @@ def test_baseline_has_no_reward_tokens(tiny_runs):
     (["--rewards", "alignment,beauty"], "unknown reward(s) beauty"),
     (["--batch-size", "7", "--grad-accum", "2"], "must be divisible"),
     (["--time-sampling", "cosine"], "logit_normal or uniform"),
+    (["--lr", "inf"], "--lr must be > 0 and finite"),
+    (["--lr", "nan"], "--lr must be > 0 and finite"),
+    (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite"),
 ])
 def test_cli_errors_are_one_line(flags, message):
     result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True)
