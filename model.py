@@ -554,8 +554,10 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn or foreign files raise several exception types, some multi-line: report one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot read checkpoint {path} (truncated, or not a torch checkpoint): {first}") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line.split(" Please use")[0] for line in lines if line.startswith("WeightsUnpickler error")),
+                   lines[0])  # names what the file holds beyond tensors
+        raise ValueError(f"cannot read checkpoint {path} (truncated, or not a torch checkpoint): {why}") from e
 
 
 def model_from_checkpoint(ckpt, ema=True):

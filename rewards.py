@@ -528,9 +528,16 @@ def _read_weights(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read weights from {path} (truncated, or not safetensors): {e}") from None
+    from model import load_checkpoint  # weights_only, any unreadable file a one-line ValueError
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot read weights from {path}: it holds a {type(state).__name__}, not a state dict")
     return state["state_dict"] if "state_dict" in state else state
 
 
@@ -1849,8 +1856,9 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     bins. Under torch.distributed (world_size > 1, every rank calling) rank 0 then merges all part files into
     annotations.jsonl; bins.json holds every reward in the table.
     Scores of a reward whose REWARD_VERSIONS entry changed since they were made are dropped and scored again.
-    rescore: names whose scores already in out_dir are dropped first and scored again from scratch: a retrained
-    model (say shapes_clip) would otherwise keep the old model's scores, as every scored pair is skipped.
+    rescore: names whose scores already in out_dir (with their NAME@FIELD columns) are dropped first and scored
+    again from scratch: a retrained model (say shapes_clip) would otherwise keep the old model's scores, as every
+    scored pair is skipped.
     cpu_threads: torch threads while scoring on the CPU. The built-in rewards are many small ops: with 2 threads and
     another process busy on a 2-core machine they ran 6x slower than with 1 (136 s vs 22 s for 20k images).
     Returns the merged table {key: {name: score}} (NaN for a failed score) on rank 0, None on the other ranks.
@@ -1860,12 +1868,9 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
     names = [r if isinstance(r, str) else r.name for r in rewards]
     with _directory_lock(out_dir, rank, world_size):
         if rank == 0:  # rank 0 drops old columns and records the versions while the other ranks wait
-            stale = _stale_columns(out_dir)
-            if stale and verbose:
-                print(f"{out_dir}: the scores of {', '.join(stale)} were made by an older version of the reward: "
-                      f"dropped, to be scored again", flush=True)
-            if rescore or stale:
-                _merge_parts(out_dir, drop=[*rescore, *stale])
+            drop = _columns_to_rescore(out_dir, names, rescore, verbose)
+            if drop:
+                _merge_parts(out_dir, drop=drop)
             _record_versions(out_dir, names)
         _barrier(world_size)
         _check_field_columns(out_dir, names)
@@ -1881,14 +1886,24 @@ def _recorded_versions(out_dir: Path) -> dict[str, int]:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it to rescore every reward in {out_dir}") from None
 
 
-def _stale_columns(out_dir: Path) -> list[str]:
-    """The columns of out_dir (a "name@field" column goes with its reward `name`) scored by another version of
-    their reward than REWARD_VERSIONS says."""
+def _columns_to_rescore(out_dir: Path, names: Sequence[str], rescore: Sequence[str], verbose: bool) -> list[str]:
+    """The columns of out_dir to drop before scoring: those of the rewards in `rescore`, and those made by another
+    version of their reward than REWARD_VERSIONS says. A "name@field" column goes with its reward `name` (the same
+    model); a dropped column that this run does not score stays absent until a run asks for it."""
     recorded = _recorded_versions(out_dir)
     columns = {n for path in [out_dir / ANNOTATIONS, *_part_files(out_dir)] for row in _iter_rows(path) for n in row}
     columns.discard("key")
-    return sorted(n for n in columns if recorded.get(n.partition("@")[0], 1)
-                  != REWARD_VERSIONS.get(n.partition("@")[0], 1))
+    base = {n: n.partition("@")[0] for n in columns}
+    stale = sorted(n for n in columns if recorded.get(base[n], 1) != REWARD_VERSIONS.get(base[n], 1))
+    drop = sorted({n for n in columns if n in rescore or base[n] in rescore} | set(stale))
+    if verbose and stale:
+        print(f"{out_dir}: the scores of {', '.join(stale)} were made by an older version of the reward: dropped",
+              flush=True)
+    unscored = [n for n in drop if n not in names]
+    if verbose and unscored:
+        print(f"{out_dir}: {', '.join(unscored)} dropped and not scored by this run (add them to --rewards to score "
+              f"them again)", flush=True)
+    return drop
 
 
 def _record_versions(out_dir: Path, names: Sequence[str]):
@@ -2113,8 +2128,9 @@ def parse_args(argv=None):
                    help="folder for annotations.jsonl, bins.json, summary.json (default: --data, when a folder)")
     a.add_argument("--num-bins", type=int, default=64, help="bins B per reward; bin k becomes k/(B-1)")
     a.add_argument("--rescore", default="",
-                   help="comma-separated names among --rewards whose existing scores are dropped and scored again "
-                        "(after retraining a reward model such as shapes_clip; otherwise scored pairs are skipped)")
+                   help="comma-separated names among --rewards whose existing scores (NAME@FIELD columns too) are "
+                        "dropped and scored again (after retraining a reward model such as shapes_clip; otherwise "
+                        "scored pairs are skipped)")
     a.add_argument("--binning", default="quantile", choices=["quantile", "uniform"],
                    help="equal-population (quantile) or equal-width (uniform) bins")
     s = sub.add_parser("score", parents=[common],

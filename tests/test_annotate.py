@@ -171,6 +171,24 @@ def test_rescore_replaces_a_retrained_rewards_scores(tmp_path, world, probe, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
 
 
+def test_rescore_drops_the_rewards_field_columns_too(tmp_path, probe, monkeypatch, capsys):
+    """A NAME@FIELD column is NAME's model on another caption, sharing its bins: rescoring NAME drops it too, so no
+    column mixes the old model's scores with the new one's (scored again when asked for, else left out)."""
+    source = ListSource(mixed_records())
+    names = ["probe", "probe@synthetic_caption"]
+    first = rewards.annotate(source, names, tmp_path, batch_size=4, verbose=False)
+    retrained = lambda device="cpu": rewards.Reward("probe", lambda images, captions: torch.arange(len(captions)) + 7.0,
+                                                    device, ragged=True)
+    monkeypatch.setitem(rewards.REWARDS, "probe", retrained)
+    both = rewards.annotate(source, names, tmp_path, batch_size=4, verbose=False, rescore=["probe"])
+    fields = [k for k in first if "probe@synthetic_caption" in first[k]]
+    assert fields and all(both[k]["probe@synthetic_caption"] >= 7 for k in fields)  # the retrained model's
+    assert all(both[k]["probe"] >= 7 for k in first)
+    alone = rewards.annotate(source, ["probe"], tmp_path, batch_size=4, rescore=["probe"])
+    assert "probe@synthetic_caption dropped and not scored by this run" in capsys.readouterr().out
+    assert not any("probe@synthetic_caption" in row for row in alone.values())
+
+
 def test_a_changed_reward_version_rescores_its_columns(tmp_path, probe, monkeypatch, capsys):
     """Scores of an older version of a reward (REWARD_VERSIONS; a folder without a record is at version 1) are
     dropped with their NAME@FIELD columns and scored again, before anything else; the other columns are kept."""
@@ -188,7 +206,9 @@ def test_a_changed_reward_version_rescores_its_columns(tmp_path, probe, monkeypa
     assert json.dumps(kept, sort_keys=True) == json.dumps(first, sort_keys=True)  # same version: kept (NaN too)
     monkeypatch.setitem(rewards.REWARD_VERSIONS, "probe", 2)
     new = rewards.annotate(source, ["probe", "other"], tmp_path, batch_size=4)
-    assert "the scores of probe, probe@synthetic_caption were made by an older version" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the scores of probe, probe@synthetic_caption were made by an older version" in out
+    assert "probe@synthetic_caption dropped and not scored by this run (add them to --rewards" in out
     assert all(new[k]["probe"] >= 7 and new[k]["other"] == 3 for k in first)
     assert not any("probe@synthetic_caption" in row for row in new.values())  # stale: gone until asked for again
     assert json.loads((tmp_path / "reward_versions.json").read_text()) == {"probe": 2, "other": 1}

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tried to reach the h
 
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -309,6 +310,23 @@ def test_option_errors_are_clear_and_offline(tmp_path, tiny_config):
     _, _, options = _open_clip_round_trip("clip", tmp_path, tiny_config)
     with pytest.raises(ValueError, match="precision"):
         rewards.load_reward("clip", precision="fp16", **options)
+
+
+def test_unreadable_weight_files_are_one_line_errors(tmp_path):
+    """A torn or foreign weights file (a training checkpoint holding numpy scalars, a list) is a ValueError of one
+    line naming the file, which the CLIs print as their error."""
+    (tmp_path / "torn.safetensors").write_bytes(b"xx")
+    torch.save({"epoch": np.int64(3), "weight": torch.zeros(2)}, tmp_path / "numpy.pth")  # not weights-only
+    (tmp_path / "torn.pth").write_bytes((tmp_path / "numpy.pth").read_bytes()[:64])
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    for name, message in [("torn.safetensors", "(truncated, or not safetensors): Error while deserializing header"),
+                          ("numpy.pth", "WeightsUnpickler error: Unsupported global: GLOBAL numpy"),
+                          ("torn.pth", "(truncated, or not a torch checkpoint)"),
+                          ("list.pth", "it holds a list, not a state dict")]:
+        with pytest.raises(ValueError) as error:
+            rewards.load_aesthetic_head(tmp_path / name)
+        assert message in str(error.value) and str(tmp_path / name) in str(error.value)
+        assert "\n" not in str(error.value) and "Please use" not in str(error.value)
 
 
 def test_hpsv2_version_20_names_the_v2_file():
