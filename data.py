@@ -43,11 +43,11 @@ without extension, or the tar member name without extension. Captions: UTF-8 wit
 (a stray byte does not lose the sample), whitespace stripped, an empty optional caption counts as absent.
 Skips: a sample that cannot be used is still yielded as a Record with image None and `error` one of SKIP_REASONS:
 "no_caption" (missing / empty caption), "missing" (no such image file), "unreadable" (zero bytes, truncated, not an
-image), "too_small" (shorter side < min_size), "too_large" (more than max_pixels pixels: the decompression-bomb
-guard, read from the header before any decoding), "duplicate" (a key seen before: the first occurrence wins; folders
-and manifests check the whole dataset, a webdataset stream checks what one consumer reads, so keys must be unique
-across shards as img2dataset makes them). Each source counts its outcomes in `source.stats` ({"ok": n, reason: n,
-...}, this process only).
+image), "too_small" (shorter side < min_size), "too_large" (more than max_pixels pixels: the decompression-bomb guard,
+read from the header before any decoding), "duplicate" (a key seen before: the first occurrence wins; folders and
+manifests check the whole dataset, a webdataset stream checks what one consumer reads, so keys must be unique across
+shards as img2dataset makes them; rewards.annotate counts and reports a key that two consumers met). Each source
+counts its outcomes in `source.stats` ({"ok": n, reason: n, ...}, this process only).
 """
 import argparse
 import colorsys

@@ -1653,9 +1653,9 @@ def _scored_keys(out_dir: Path, name: str) -> set[str]:
             if name in row}
 
 
-def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> dict[str, dict]:
+def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> tuple[dict[str, dict], list[str]]:
     """Fold every part file into annotations.jsonl, without the columns named in `drop`; returns the merged table
-    {key: {name: score or None}}, sorted.
+    {key: {name: score or None}}, sorted, and the keys that the part files score twice for one reward.
 
     A crash at any point loses nothing and duplicates nothing: the new table goes to a temporary file that is
     fsynced and then atomically renamed over annotations.jsonl, and the part files are deleted only once that
@@ -1663,10 +1663,20 @@ def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> dict[str, dict]:
     the next run merges them again. Crash after it: the leftover part files repeat rows the table already has, and
     rows merge into one dict entry per (key, reward), so folding them in again changes nothing. Two part files never
     hold the same pair in the first place: the ranks of a run score disjoint records, and every run skips the pairs
-    already in any file.
+    already in any file. So a pair twice among the part files is a key that two records of the dataset share, met by
+    two consumers (a consumer skips the repeats it meets itself as "duplicate"): the first score is kept.
     """
     parts = _part_files(out_dir)
-    raw = _read_table([out_dir / ANNOTATIONS, *parts])
+    raw, new, duplicated = _read_table([out_dir / ANNOTATIONS]), {}, {}
+    for path in parts:
+        for row in _iter_rows(path):
+            key = row.pop("key")
+            scores = new.setdefault(key, {})
+            if any(n in scores for n in row):
+                duplicated[key] = True
+            scores.update({n: v for n, v in row.items() if n not in scores})
+    for key, scores in new.items():
+        raw.setdefault(key, {}).update(scores)
     table = {k: {n: v for n, v in raw[k].items() if n not in drop} for k in sorted(raw)}  # same for any world size
     if parts or any(n in drop for scores in raw.values() for n in scores):
         names = list(dict.fromkeys(n for scores in table.values() for n in scores))
@@ -1684,7 +1694,7 @@ def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> dict[str, dict]:
             os.close(fd)
         for part in parts:
             part.unlink()
-    return table
+    return table, list(duplicated)
 
 
 def summarize(table: dict[str, dict], names: Sequence[str]) -> dict[str, dict]:
@@ -1976,7 +1986,11 @@ def _annotate_locked(source, rewards, out_dir: Path, batch_size, device, num_bin
     if rank != 0:
         _barrier(world_size)  # wait for rank 0's merge
         return None
-    table = _merge_parts(out_dir)
+    table, duplicated = _merge_parts(out_dir)
+    if duplicated:
+        skipped.update(dict.fromkeys(duplicated, "duplicate"))
+        print(f"warning: {len(duplicated)} key(s) of the dataset name two records each (first: {duplicated[0]}); "
+              f"annotations join by key, so each keeps one record's scores: give every sample its own key", flush=True)
     result, columns = _with_nan(table), list(dict.fromkeys(n for scores in table.values() for n in scores))
     names = list(dict.fromkeys(c.partition("@")[0] for c in columns))
     if names:  # "name" and "name@field" columns share one set of bins, as data.RewardTable reads them

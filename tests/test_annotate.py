@@ -248,6 +248,33 @@ def test_a_rerun_decodes_only_what_it_scores(tmp_path, layout, monkeypatch):
     assert counts == [20, 0, 10] and len(table) == 10 and all(len(v) == 3 for v in table.values())
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_key_shared_by_two_shards_is_one_duplicate_for_any_split(tmp_path, workers, capsys):
+    """Two img2dataset runs concatenated restart their keys: shards 0 and 1 both hold key 000000000. One consumer
+    skips the second as "duplicate"; two consumers (a worker per shard) each score theirs, and the merge keeps the
+    first and counts the other, so the table and the summary are the same for any split, with a warning."""
+    import tarfile
+    for shard, seed in [(0, 1), (1, 2)]:
+        folder = tmp_path / f"s{shard}"
+        write_png(folder / "000000000.png", seed)
+        (folder / "000000000.txt").write_text("a red square")
+        (folder / "000000001.png").write_bytes((folder / "000000000.png").read_bytes())  # a unique key in shard 0
+        (folder / "000000001.txt").write_text("a red square")
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for f in sorted(folder.iterdir()):
+                if shard == 0 or not f.stem.endswith("1"):
+                    tar.add(f, arcname=f.name)
+    source = data.open_dataset(f"{tmp_path}/{{00000..00001}}.tar")
+    table = rewards.annotate(source, ["contrast"], tmp_path / "ann", batch_size=4, num_workers=workers,
+                             verbose=False)
+    first = rewards.annotate(data.open_dataset(tmp_path / "00000.tar"), ["contrast"], tmp_path / "first",
+                             verbose=False)
+    assert table == first  # shard 0's record of the shared key, the one a single pass keeps
+    assert json.loads((tmp_path / "ann" / "summary.json").read_text())["skipped"] == {"duplicate": 1}
+    warned = "1 key(s) of the dataset name two records each (first: 000000000)" in capsys.readouterr().out
+    assert warned == (workers == 2)
+
+
 def test_a_field_column_needs_its_plain_column(tmp_path, world, probe):
     """"name@field" shares the bins of the plain "name" column: alone on a fresh folder it is refused before
     anything is scored (it would score everything, then find no bins to fit); beside "name", or once the folder
