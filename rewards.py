@@ -479,9 +479,22 @@ def _reward_options(name: str, options: dict) -> dict:
             raise ValueError(f"{name}: {key} must be {' or '.join(v for v in default if v)}, got {value!r}")
         elif isinstance(default, int) and not (str(value).isdigit() and int(value) > 0):
             raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+        elif key in PATH_OPTIONS and _names_a_file(value) and not Path(value).expanduser().exists():
+            raise ValueError(f"{name}: {key} {value} does not exist")
         else:
             o[key] = int(value) if isinstance(default, int) else value
     return o
+
+
+PATH_OPTIONS = ("head", "checkpoint", "model_config", "med_config", "vision_config", "processor", "tokenizer",
+                "vision_tower")  # a local path, or (most of them) a hub id
+
+
+def _names_a_file(value: str) -> bool:
+    """A value that can only be a local path (absolute, ./ ~/ relative or a file name with a weights / config
+    suffix), as opposed to a hub id such as "yuvalkirstain/PickScore_v1"."""
+    return value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (
+        ".pt", ".pth", ".bin", ".safetensors", ".json", ".ckpt")
 
 
 def clip_pixels(images, size: int = 224, resize: Callable = resize_center_crop) -> torch.Tensor:
