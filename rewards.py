@@ -479,8 +479,6 @@ def _reward_options(name: str, options: dict) -> dict:
             raise ValueError(f"{name}: {key} must be {' or '.join(v for v in default if v)}, got {value!r}")
         elif isinstance(default, int) and not (str(value).isdigit() and int(value) > 0):
             raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
-        elif key in PATH_OPTIONS and _names_a_file(value) and not Path(value).expanduser().exists():
-            raise ValueError(f"{name}: {key} {value} does not exist")
         else:
             o[key] = int(value) if isinstance(default, int) else value
     return o
@@ -2115,6 +2113,10 @@ def parse_reward_options(specs: Sequence[str], names: Sequence[str]) -> dict[str
                 _reward_options(name, opts)
             except ValueError as e:
                 raise ValueError(f"--reward-option {e}") from None
+            missing = [f"{key} {value}" for key, value in opts.items()
+                       if key in PATH_OPTIONS and _names_a_file(value) and not Path(value).expanduser().exists()]
+            if missing:
+                raise ValueError(f"--reward-option {name}: {', '.join(missing)} does not exist")
             continue
         try:
             inspect.signature(REWARDS[name]).bind("cpu", **opts)

@@ -478,10 +478,10 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
                                                      "contrast.size=3"],
         "clip: unknown option(s) chekpoint; known: backend, checkpoint": [
             "annotate", "--data", str(world), "--rewards", "clip", "--reward-option", "clip.chekpoint=/x.pt"],
-        f"aesthetic: head {tmp_path / 'none.pth'} does not exist": [
+        f"--reward-option aesthetic: head {tmp_path / 'none.pth'} does not exist": [
             "annotate", "--data", str(world), "--rewards", "contrast,aesthetic", "--reward-option",
             f"aesthetic.head={tmp_path / 'none.pth'}"],  # refused before contrast is scored
-        "pickscore: checkpoint ./no/such/folder does not exist": [
+        "--reward-option pickscore: checkpoint ./no/such/folder does not exist": [
             "annotate", "--data", str(world), "--rewards", "pickscore", "--reward-option",
             "pickscore.checkpoint=./no/such/folder"],
         "vqascore: batch must be a positive integer, got '0'": [
