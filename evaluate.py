@@ -10,7 +10,7 @@ convergence experiment that reproduces the paper's headline claim on the built-i
     python evaluate.py tts --ckpt runs/miro --baseline runs/baseline --select-by alignment   # best-of-N
     python evaluate.py usage --ckpt runs/miro                    # does the model use each reward, and its caption?
     python evaluate.py convergence [--quick]                     # train baseline + MIRO and compare along the way
-    torchrun --nproc_per_node=4 evaluate.py geneval ...          # sampling subcommands shard over ranks
+    torchrun --nproc_per_node=4 evaluate.py geneval ...          # sampling subcommands (not convergence) shard
 
 Conventions:
 - A setting is (positive targets, negative targets, guidance weight): MIRO samples with s_pos = 1, s_neg = 0 and the
@@ -20,7 +20,8 @@ Conventions:
 - GenEval's strict rule: an image is correct only if every include clause holds and no exclude clause fires; a
   task's score is the mean correctness of its images and `overall` the mean of the task scores. Reward metrics
   are separate soft judgements (the built-in `alignment` is the fraction of clauses satisfied).
-- Every subcommand writes a JSON of its numbers (and a PNG plot where a picture says more) into --out.
+- Every subcommand writes a JSON of its numbers and the settings behind them (and a PNG plot where a picture says
+  more) into --out.
 """
 import argparse
 import csv
@@ -306,9 +307,42 @@ def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
         prompts = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, dict) and isinstance(p.get("prompt"), str) for p in prompts):
         raise ValueError(f"{path}: expected prompts (a 'prompt' string per JSON line, a 'Prompt' column, or lines)")
-    if any("include" in p and not isinstance(p.get("tag"), str) for p in prompts):
-        raise ValueError(f"{path}: GenEval metadata needs a 'tag' (its task) with every 'include'")
+    with_metadata = [p for p in prompts if "include" in p]
+    if 0 < len(with_metadata) < len(prompts):  # a mix's GenEval score would depend on the batching (Judges)
+        raise ValueError(f"{path}: {len(with_metadata)} of {len(prompts)} prompts carry GenEval metadata ('include'); "
+                         f"a prompt file must be all GenEval metadata or all plain prompts")
+    if with_metadata:  # only a .jsonl has metadata, one object per non-blank line
+        lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for n, p in zip(lines, prompts):
+            check_metadata(p, f"{path}:{n}")
     return prompts
+
+
+def check_metadata(meta: dict, where: str):
+    """ValueError naming `where` (file:line) unless GenEval metadata is what rewards.check_clauses reads: a task
+    tag; include clauses (at least one) with a class, a count >= 1, maybe a colour and a position [relation, index
+    of an earlier include]; exclude clauses with a class and a count >= 1."""
+    if meta.get("tag") not in data.TASKS:
+        raise ValueError(f"{where}: GenEval metadata needs a 'tag' (its task: {', '.join(data.TASKS)}) with every "
+                         f"'include', not {meta.get('tag')!r}")
+    for kind in ("include", "exclude"):
+        clauses = meta.get(kind, [])
+        if not isinstance(clauses, list) or (kind == "include" and not clauses):
+            raise ValueError(f"{where}: '{kind}' must be a list of clauses, not {clauses!r}")
+        for k, c in enumerate(clauses):
+            clause = f"{where}: {kind}[{k}]"
+            if not isinstance(c, dict) or not isinstance(c.get("class"), str):
+                raise ValueError(f"{clause} needs a 'class' string")
+            if type(c.get("count")) is not int or c["count"] < 1:
+                raise ValueError(f"{clause} needs a 'count' integer >= 1, not {c.get('count')!r}")
+            if kind == "include" and "color" in c and not isinstance(c["color"], str):
+                raise ValueError(f"{clause}: 'color' must be a string, not {c['color']!r}")
+            if kind == "include" and "position" in c:
+                position = c["position"]
+                if not (isinstance(position, list) and len(position) == 2 and position[0] in data.RELATIONS
+                        and type(position[1]) is int and 0 <= position[1] < k):
+                    raise ValueError(f"{clause}: 'position' must be [relation, index of an earlier include], "
+                                     f"relation one of {', '.join(data.RELATIONS)}; not {position!r}")
 
 
 def evaluation_items(spec: str, world: data.WorldConfig | None, n_per_prompt: int, min_per_task: int = 0):
@@ -721,9 +755,10 @@ def cmd_tradeoff(args, ctx):
 
 
 def cmd_tts(args, ctx):
-    """Best-of-N test-time scaling: max-n candidates per prompt once, then for N = 1, 2, 4, ... the candidate with
-    the highest --select-by reward among the first N; every metric of the selected images, MIRO vs the baseline."""
-    ns = [2 ** k for k in range(int(math.log2(args.max_n)) + 1)]
+    """Best-of-N test-time scaling: max-n candidates per prompt once, then for N = 1, 2, 4, ... and max-n the
+    candidate with the highest --select-by reward among the first N; every metric of the selected images, MIRO vs
+    the baseline."""
+    ns = sorted({*(2 ** k for k in range(args.max_n.bit_length())), args.max_n})  # every candidate drawn counts
     items = repeat_prompts(load_prompts(args.prompts, ctx.world), args.max_n)  # each prompt's max-n candidates
     results = {}
     runs = [("MIRO" if ctx.names else "baseline", ctx)]
@@ -746,8 +781,11 @@ def cmd_tts(args, ctx):
     if args.rank == 0:
         plot_curves(args.out / "tts.png", ns, {m: {lab: [c[n][m] for n in ns] for lab, c in results.items()}
                                                for m in metrics}, f"N (best of, by {args.select_by})")
-    return {"select_by": args.select_by, "curves": {lab: {str(n): m for n, m in c.items()}
-                                                    for lab, c in results.items()}}
+    result = {"curves": {lab: {str(n): m for n, m in c.items()} for lab, c in results.items()}}
+    if args.baseline:  # its own checkpoint and guidance weight (the settings' cfg is --ckpt's)
+        c = runs[1][1]
+        result["baseline_run"] = {"checkpoint": str(c.path), "step": c.ckpt["step"], "cfg": c.cfg}
+    return result
 
 
 def condition_usage(model, encode_text, images, captions, reward_values, names, time_sampling="logit_normal",
@@ -1066,11 +1104,10 @@ def cmd_convergence(args, _ctx=None):
         log(text)
         write_text(out / "seeds.md", text + "\n")
     return {"steps": steps, "curves": curves, "table": table, "speedup": speedups, "matched_speedup": matched_speedups,
-            "tuned_target": args.tuned_target, "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {},
+            "seeds": seeds, "seed_speedups": seed_speedups if extra_seeds else {},
             "seed_matched_speedups": seed_matched if extra_seeds else {}, "mean_speedups": mean_speedups,
             "mean_matched_speedups": mean_matched,
-            "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset,
-            "condition": condition, "judges": judges, "reward_options": args.reward_options}
+            "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60, "preset": preset}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1142,8 +1179,8 @@ def parse_args(argv=None):
         s.add_argument("--prompts", default="heldout",
                        help="'heldout' (the built-in world's held-out prompts) or a .jsonl (GenEval metadata), .tsv "
                             "(PartiPrompts) or .txt prompt file")
-        s.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
         if name != "tts":  # best-of-N draws --max-n candidates per prompt
+            s.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
             s.add_argument("--min-per-task", type=int, default=16,
                            help="with --prompts heldout, repeat the prompts of small built-in tasks until each task "
                                 "has this many images (prompt files are taken as they are)")
@@ -1155,7 +1192,7 @@ def parse_args(argv=None):
         if name == "tts":
             s.add_argument("--baseline", default=None, help="baseline checkpoint or run folder to compare with")
             s.add_argument("--select-by", default="alignment", help="the reward that picks the best of N")
-            s.add_argument("--max-n", type=int, default=32, help="largest N (powers of two up to it)")
+            s.add_argument("--max-n", type=int, default=32, help="largest N (N = 1, 2, 4, ... and it)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "n_per_prompt", "steps", "max_n", "jobs", "train_steps", "eval_every", "samples"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
@@ -1168,6 +1205,10 @@ def parse_args(argv=None):
         p.error("--n-per-prompt: diversity compares a prompt's samples, so it needs at least 2")
     if getattr(args, "repeat_seeds", 0) < 0:
         p.error("--repeat-seeds must be >= 0")
+    if args.command in ("convergence", "usage") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # not sharded: every rank would run it whole (convergence: build, train and write into the same folder)
+        jobs = "; it runs trainings and evaluations in parallel with --jobs" if args.command == "convergence" else ""
+        p.error(f"{args.command} runs as one process, not under torchrun{jobs}")
     if args.command == "convergence":
         condition = [r for r in args.condition.split(",") if r]
         unknown = [r for r in condition if r not in rewards.REWARDS]
@@ -1196,6 +1237,16 @@ def parse_args(argv=None):
     return p, args
 
 
+def run_settings(args, ctx) -> dict:
+    """The settings behind a result's numbers: the parsed command line (paths as strings; the reward and detector
+    options parsed, not as given; not the rank) and the guidance weight sampled with (--cfg or the checkpoint's)."""
+    internal = {"command", "rank", "reward_option", "detector_option"}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in internal}
+    if ctx is not None and args.command != "usage":  # usage does not sample
+        settings["cfg"] = ctx.cfg
+    return settings
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
     try:
@@ -1210,7 +1261,7 @@ def main(argv=None):
     if args.rank == 0:
         path = args.out / f"{args.command}.json"
         write_json(path, {"command": args.command, "checkpoint": str(ctx.path) if ctx else None,
-                          "step": ctx.ckpt["step"] if ctx else None, **result})
+                          "step": ctx.ckpt["step"] if ctx else None, "settings": run_settings(args, ctx), **result})
         log(f"wrote {path}")
     if dist.is_initialized():
         dist.barrier()  # every rank leaves together, after rank 0 has written (as train.py)

@@ -140,6 +140,70 @@ def test_json_outputs_are_strict_and_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
 
 
+GOOD_ROW = {"prompt": "a photo of a circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+RELATIONS = "relation one of left of, right of, above, below"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"tag": "counting", "include": [{"class": "circle"}]}, "include[0] needs a 'count' integer >= 1, not None"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 0}]},
+     "include[0] needs a 'count' integer >= 1, not 0"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": "2"}]},
+     "include[0] needs a 'count' integer >= 1, not '2'"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle"}]},
+     "exclude[0] needs a 'count' integer >= 1, not None"),
+    ({"tag": "single_object", "include": [{"count": 1}]}, "include[0] needs a 'class' string"),
+    ({"tag": "single_object", "include": []}, "'include' must be a list of clauses, not []"),
+    ({"tag": "shapes", "include": [{"class": "circle", "count": 1}]},
+     "GenEval metadata needs a 'tag' (its task: single_object, two_object, counting, colors, position, color_attr) "
+     "with every 'include', not 'shapes'"),
+    ({"tag": "position", "include": [{"class": "circle", "count": 1},
+                                     {"class": "square", "count": 1, "position": ["left of"]}]},
+     f"include[1]: 'position' must be [relation, index of an earlier include], {RELATIONS}; not ['left of']"),
+    ({"tag": "position", "include": [{"class": "circle", "count": 1},
+                                     {"class": "square", "count": 1, "position": ["left of", 1]}]},
+     f"include[1]: 'position' must be [relation, index of an earlier include], {RELATIONS}; not ['left of', 1]"),
+    ({"tag": "position", "include": [{"class": "circle", "count": 1},
+                                     {"class": "square", "count": 1, "position": ["next to", 0]}]},
+     f"include[1]: 'position' must be [relation, index of an earlier include], {RELATIONS}; not ['next to', 0]"),
+])
+def test_malformed_geneval_metadata_is_named_by_file_and_line(tmp_path, row, message):
+    path = tmp_path / "meta.jsonl"
+    path.write_text(json.dumps(GOOD_ROW) + "\n\n" + json.dumps({"prompt": "p", **row}) + "\n")
+    with pytest.raises(ValueError) as error:
+        evaluate.load_prompts(str(path), None)
+    assert str(error.value) == f"{path}:3: {message}"  # the blank line counts
+
+
+def test_malformed_geneval_metadata_is_a_one_line_cli_error(tiny_runs, tmp_path, capsys):
+    path = tmp_path / "meta.jsonl"
+    path.write_text(json.dumps({**GOOD_ROW, "include": [{"class": "circle"}]}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["geneval", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(path), "--steps", "1",
+                       "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith(f"error: {path}:1: include[0] needs a 'count' integer >= 1, not None")
+
+
+def test_a_prompt_file_mixing_geneval_metadata_and_plain_prompts_is_refused(tiny_runs, tmp_path, capsys):
+    """Judges runs the detector on a batch only if every item in it has metadata, so a mixed file's GenEval score
+    would depend on --batch-size: refused, whatever the batching."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(GOOD_ROW) + "\n" + json.dumps({"prompt": "a photo of a red circle"}) + "\n")
+    errors = []
+    for batch_size in ("1", "64"):
+        out = tmp_path / batch_size
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(["tradeoff", "--ckpt", str(tiny_runs / "miro"), "--reward", "cfg", "--values", "1",
+                           "--prompts", str(mixed), "--n-per-prompt", "1", "--steps", "1", "--batch-size", batch_size,
+                           "--out", str(out)])
+        assert exit_.value.code == 2 and not (out / "tradeoff.json").exists()
+        errors.append(capsys.readouterr().err.splitlines()[-1].partition("error: ")[2])
+    assert errors == [f"{mixed}: 1 of 2 prompts carry GenEval metadata ('include'); a prompt file must be all "
+                      f"GenEval metadata or all plain prompts"] * 2
+
+
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/benchmarks not present")
 def test_real_benchmark_prompt_files():
     geneval = evaluate.load_prompts(str(SHARED / "geneval" / "evaluation_metadata.jsonl"), None)
@@ -280,6 +344,20 @@ def test_neg_prompt_reaches_the_negative_branch(tiny_runs, tmp_path):
     assert rewards["miro", None] != rewards["miro", ""]
 
 
+def test_outputs_record_the_settings_behind_their_numbers(tiny_runs, tmp_path):
+    (tmp_path / "p.txt").write_text("a photo of a red circle\n")
+    evaluate.main(["rewards", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(tmp_path / "p.txt"), "--steps", "2",
+                   "--n-per-prompt", "1", "--rewards", "sharpness=0.5", "--neg-prompt", "", "--judge-rewards",
+                   "contrast", "--out", str(tmp_path)])
+    settings = json.loads((tmp_path / "rewards.json").read_text())["settings"]
+    given = {"rewards": "sharpness=0.5", "steps": 2, "n_per_prompt": 1, "neg_prompt": "", "judge_rewards": "contrast",
+             "prompts": str(tmp_path / "p.txt"), "seed": 0, "detector": "shapes", "out": str(tmp_path)}
+    assert {k: settings[k] for k in given} == given
+    # no --cfg: the weight sampled with is the checkpoint's, recorded as such
+    assert settings["cfg"] == torch.load(tiny_runs / "miro" / "ckpt.pt", weights_only=True)["sampling"]["cfg"]
+    assert not {"command", "rank", "reward_option"} & set(settings)
+
+
 def test_every_image_of_an_evaluation_has_its_own_noise_seed(tiny_runs):
     """Images of one prompt differ (diversity > 0), and image i is generated from seed * SEED_STRIDE + i whatever
     batch it falls in."""
@@ -370,6 +448,7 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["convergence", "--rewards", "contrast=0.5"], "unrecognized arguments: --rewards"),  # it would be overwritten
     (["convergence", "--judge-rewards", "contrast"], "unrecognized arguments: --judge-rewards"),
     (["tts", "--min-per-task", "4"], "unrecognized arguments: --min-per-task"),
+    (["tts", "--n-per-prompt", "2"], "unrecognized arguments: --n-per-prompt"),  # it draws --max-n per prompt
 ])
 def test_cli_errors_are_one_line(args, message):
     res = run_eval(*args)
@@ -430,6 +509,18 @@ def test_tts_best_of_n_curves_for_miro_and_the_baseline(tiny_runs, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     alone = json.loads((tmp_path / "alone" / "tts.json").read_text())["curves"]
     assert list(alone) == ["baseline"] and alone["baseline"] == curves["baseline"]  # the same seeds and images
+    both = json.loads((tmp_path / "both" / "tts.json").read_text())
+    baseline_cfg = torch.load(tiny_runs / "baseline" / "ckpt.pt", weights_only=True)["sampling"]["cfg"]
+    assert both["settings"]["select_by"] == "contrast" and both["baseline_run"]["cfg"] == baseline_cfg
+
+
+def test_tts_reports_every_candidate_drawn(tiny_runs, tmp_path):
+    """--max-n 3 draws 3 candidates per prompt: N = 3 is reported too, not only the powers of two below it."""
+    (tmp_path / "p.txt").write_text("a photo of a red circle\n")
+    evaluate.main(["tts", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(tmp_path / "p.txt"), "--max-n", "3",
+                   "--steps", "1", "--select-by", "contrast", "--judge-rewards", "contrast", "--out", str(tmp_path)])
+    curve = json.loads((tmp_path / "tts.json").read_text())["curves"]["MIRO"]
+    assert list(curve) == ["1", "2", "3"] and curve["3"]["contrast"] >= curve["2"]["contrast"]
 
 
 def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
@@ -474,7 +565,7 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
     assert (flags["--steps"], flags["--batch-size"], flags["--lr"]) == ("8", str(full["batch_size"]), str(full["lr"]))
     curves, table = result["curves"], result["table"]
     assert table["baseline"] == curves["baseline"][-1] and table["MIRO"] == curves["miro"][-1]
-    assert result["tuned_target"] == "sharpness=0.625"
+    assert result["settings"]["tuned_target"] == "sharpness=0.625"
     assert set(table) == {"baseline", "MIRO", "MIRO, target sharpness=0.625", *ablations}
     assert table["MIRO, target sharpness=0.625"]["sharpness"] != table["MIRO"]["sharpness"]  # the target took effect
     for metric, value in result["speedup"].items():
@@ -531,6 +622,23 @@ def test_convergence_end_to_end_with_tiny_runs(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([*argv, "--out", str(legacy)])
     assert "no settings.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convergence", "usage"])
+def test_convergence_and_usage_refuse_torchrun(command, tmp_path, monkeypatch, capsys):
+    """Neither shards: under torchrun every rank would run the whole command (convergence: build the world, train
+    and write into the same folder). Refused before joining the process group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def joined(device):
+        raise AssertionError("joined the process group")
+    monkeypatch.setattr(evaluate, "init_distributed", joined)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([command, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {command} runs as one process, not under torchrun" in err
+    assert ("in parallel with --jobs" in err) == (command == "convergence")
+    assert not (tmp_path / "out").exists()
 
 
 def test_convergence_settings_accept_new_runs_and_refuse_changed_ones(tmp_path):
