@@ -979,26 +979,31 @@ class ShardedSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 # Training on real data: rewards joined by key, synthetic captions, one stream for every format.
 
-def _columns(annotations: dict, names=()) -> set:
-    """The score columns of the annotations; ValueError if a reward in `names` has no plain column."""
-    columns = set().union(*annotations.values()) if annotations else set()
+def annotation_columns(annotations: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+    """{key: {column: score}} (rewards.load_annotations) -> (keys, {column: float64 (N,) in key order}), NaN where a
+    key has no score: the layout of rewards.load_annotation_columns, which RewardTable and annotation_scores take."""
+    keys = list(annotations)
+    names = dict.fromkeys(c for row in annotations.values() for c in row)
+    return keys, {c: np.array([annotations[k].get(c, np.nan) for k in keys], np.float64) for c in names}
+
+
+def _check_plain_columns(columns: dict, names=()):
+    """ValueError if a reward in `names` has no plain column among the annotation `columns`."""
     absent = [n for n in names if n not in columns]
     if absent:
         raise ValueError(f"the annotations have no scores for reward(s) {', '.join(absent)} "
                          f"(columns: {', '.join(sorted(columns)) or 'none'})")
-    return columns
 
 
-def annotation_scores(annotations: dict, names) -> dict[str, np.ndarray]:
+def annotation_scores(columns: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
     """{name: every finite score of that reward}, its plain column and its "name@field" columns pooled (what the
-    bins are fitted on, so that scores on the real and on the synthetic caption share one scale).
-    annotations: {key: {column: score}} (rewards.load_annotations)."""
-    columns = _columns(annotations, names)
+    bins are fitted on, so that scores on the real and on the synthetic caption share one scale), row by row.
+    columns: {column: scores (N,)} (annotation_columns, rewards.load_annotation_columns)."""
+    _check_plain_columns(columns, names)
     out = {}
     for name in names:
-        cols = [c for c in columns if c == name or c.startswith(name + "@")]
-        x = np.array([row[c] for row in annotations.values() for c in cols if c in row], dtype=np.float64)
-        out[name] = x[np.isfinite(x)]
+        pooled = np.stack([columns[c] for c in sorted(columns) if c == name or c.startswith(name + "@")], 1).ravel()
+        out[name] = pooled[np.isfinite(pooled)]
     return out
 
 
@@ -1020,18 +1025,19 @@ class RewardTable:
     in forked dataloader workers (every entry is as wide as the longest key: 16M img2dataset keys of 9 bytes take
     144 MB, one stray 200-byte key would make it 3.2 GB)."""
 
-    def __init__(self, annotations: dict, bins, fields=("caption", SYNTHETIC)):
+    def __init__(self, keys, columns: dict[str, np.ndarray], bins, fields=("caption", SYNTHETIC)):
+        """keys: N distinct keys (str, or a bytes array); columns: {column: float64 (N,)}, NaN where a key has no
+        score (data.annotation_columns, rewards.load_annotation_columns)."""
         self.names = tuple(bins.names)
-        columns = _columns(annotations, self.names)
-        keys = list(annotations)
-        encoded = np.array([k.encode() for k in keys], dtype=bytes)
+        _check_plain_columns(columns, self.names)
+        encoded = keys if isinstance(keys, np.ndarray) else np.array([k.encode() for k in keys], dtype=bytes)
         order = np.argsort(encoded, kind="stable")
         self.keys = encoded[order]
         self.values, self.complete, self.plain_for = {}, {}, {}
         for field in fields:
             self.plain_for[field] = [n for n in self.names if field != "caption" and f"{n}@{field}" not in columns]
             column = {n: n if field == "caption" or n in self.plain_for[field] else f"{n}@{field}" for n in self.names}
-            scores = {n: np.array([annotations[k].get(column[n], np.nan) for k in keys], np.float64)[order]
+            scores = {n: (columns[column[n]] if column[n] in columns else np.full(len(encoded), np.nan))[order]
                       for n in self.names}
             self.values[field] = bins.values(scores)  # (N, R) float32, NaN -> 0
             self.complete[field] = np.isfinite(np.stack([scores[n] for n in self.names], 1)).all(1)

@@ -337,14 +337,14 @@ def prepare_real_data(args, image_size, rank, world_size, reward_names, resume_b
     if reward_names:
         folder = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
         path = Path(args.annotations) if args.annotations else folder / rewards.ANNOTATIONS
-        annotations = rewards.load_annotations(path)
-        if not annotations:
+        keys, columns = rewards.load_annotation_columns(path)  # arrays: 16M rows fit every rank's memory
+        if not len(keys):
             raise FileNotFoundError(f"no annotations in {path}: run rewards.py annotate on --data first, or give "
                                     f"--annotations (or train the baseline with --no-rewards)")
         bins = (rewards.RewardBins.from_dict(resume_bins) if resume_bins else
-                rewards.RewardBins.fit(data.annotation_scores(annotations, reward_names), num_bins=args.num_bins,
+                rewards.RewardBins.fit(data.annotation_scores(columns, reward_names), num_bins=args.num_bins,
                                        method=args.binning, seed=args.data_seed))
-        table = data.RewardTable(annotations, bins)
+        table = data.RewardTable(keys, columns, bins)
     dataset = data.RecordDataset(source, image_size, table, args.missing_rewards, args.synthetic_caption_prob,
                                  rank, world_size, seed=args.seed, report=True,
                                  shuffle_buffer=256 if source.format == "webdataset" else 0)

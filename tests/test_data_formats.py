@@ -353,8 +353,9 @@ def annotated(datasets, samples, tmp_path_factory):
     path = tmp_path_factory.mktemp("ann") / "annotations.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     annotations = rewards.load_annotations(path)
-    bins = rewards.RewardBins.fit(data.annotation_scores(annotations, ["alignment", "sharpness"]), num_bins=8)
-    return annotations, bins, data.RewardTable(annotations, bins)
+    keys, columns = rewards.load_annotation_columns(path)  # as train.py reads them
+    bins = rewards.RewardBins.fit(data.annotation_scores(columns, ["alignment", "sharpness"]), num_bins=8)
+    return annotations, bins, data.RewardTable(keys, columns, bins)
 
 
 def items_by_key(datasets, samples, table, **options):
@@ -413,7 +414,7 @@ def test_synthetic_captions_use_their_own_reward_columns(annotated, datasets, sa
     _, lowest = items_by_key(datasets, samples, table, synthetic_caption_prob=1.0, missing_rewards="lowest")
     assert lowest["k004_chelsea"][0] == data.SYNTHETIC and lowest["k004_chelsea"][1][0] == 0  # unscored: lowest
     with pytest.raises(ValueError, match="no scores for reward"):
-        data.RewardTable(annotations, rewards.RewardBins({"clip": np.arange(3.0)}))
+        data.RewardTable(*data.annotation_columns(annotations), rewards.RewardBins({"clip": np.arange(3.0)}))
 
 
 def test_synthetic_choice_is_seeded_and_near_p(samples, tmp_path):
@@ -475,7 +476,8 @@ def test_a_few_training_steps_from_each_format(fmt, workers, datasets, annotated
     assert ckpt["step"] == 3
     annotations, bins, _ = annotated  # the run fitted the same bins on the same annotations
     assert ckpt["bins"]["edges"] == rewards.RewardBins.fit(
-        data.annotation_scores(annotations, ["alignment", "sharpness"]), num_bins=64).to_dict()["edges"]
+        data.annotation_scores(data.annotation_columns(annotations)[1], ["alignment", "sharpness"]),
+        num_bins=64).to_dict()["edges"]
     log = (tmp_path / "miro" / "log.txt").read_text()
     assert "streamed" in log and "loss nan" not in log and log.count("step ") >= 3
     assert "no '@synthetic_caption' scores for ['sharpness']" in log

@@ -104,8 +104,14 @@ def test_load_annotations(good, bad, torn_tail):
             table = rewards.load_annotations(path)
         except ValueError as e:
             assert_one_line_error(e)
+            with pytest.raises(ValueError):
+                rewards.load_annotation_columns(path)
             return
+        keys, columns = rewards.load_annotation_columns(path)  # train.py's reader: the same scores, as arrays
     assert all(isinstance(k, str) and all(isinstance(v, float) for v in s.values()) for k, s in table.items())
+    expect_keys, expect = data.annotation_columns(table)
+    assert np.array_equal(keys, np.array([k.encode() for k in expect_keys], dtype=bytes))
+    assert list(columns) == list(expect) and all(np.array_equal(columns[c], expect[c], equal_nan=True) for c in expect)
 
 
 values = st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
