@@ -543,6 +543,16 @@ def main(argv=None):
         if resume_ckpt["step"] > tc.steps:
             parser.error(f"--resume {resume_path}: the run is at step {resume_ckpt['step']}, past --steps "
                          f"{tc.steps}; give a larger --steps to train on")
+        latest = run_dir / "ckpt.pt"
+        if latest.exists() and not latest.samefile(resume_path):  # a kept copy: its run would overwrite ckpt.pt
+            try:
+                latest_step = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)["step"]
+            except Exception:  # torn or foreign: nothing worth keeping
+                latest_step = -1
+            if latest_step > resume_ckpt["step"]:
+                parser.error(f"--resume {resume_path}: {latest} holds the run at step {latest_step}, which this "
+                             f"resume from step {resume_ckpt['step']} would overwrite; to roll the run back, move "
+                             f"{latest.name} aside first")
     else:
         run_dir = Path(args.runs_dir or "runs") / args.name
     micro_batches = world_size * tc.grad_accum

@@ -112,6 +112,11 @@ def test_resume_alone_continues_the_run_as_trained(tiny_runs, tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.main(["--resume", str(resumed), *bad])
         assert message in capsys.readouterr().err
+    kept = tmp_path / "runs" / "miro" / "ckpt_0000004.pt"  # a kept copy, in the folder of the finished run
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(kept)])
+    assert "holds the run at step 8, which this resume from step 4 would overwrite" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")["step"] == 8
     train.main(["--resume", str(resumed), "--steps", "8", "--runs-dir", str(tmp_path), "--name", "again"])
     assert "already at --steps: nothing to train" in capsys.readouterr().out  # its own folder, named: fine
     train.main(["--resume", str(resumed), "--steps", "10", "--log-every", "1"])
