@@ -1,7 +1,7 @@
 """Reward models, reward binning and the one-off annotation pass.
 
     python rewards.py annotate                            # score the built-in training set in place, write bins.json
-    python rewards.py annotate --data DATASET --out ANNOTATIONS --device cuda \
+    python rewards.py annotate --data DATASET --out ANNOTATIONS --device cuda \\
         --rewards clip,aesthetic,pickscore,hpsv2,imagereward,sciscore,vqascore      # any format data.py reads
     torchrun --nproc_per_node=8 rewards.py annotate ... (the same flags)          # one GPU per rank, one table
     python rewards.py score --images SAMPLES_DIR --prompts prompts.txt          # score generated images

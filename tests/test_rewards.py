@@ -237,10 +237,14 @@ def test_reward_options_are_checked_when_parsed():
                 rewards.load_reward(name, **dict([kv.split("=")]))
             assert message in str(e.value), spec
     good = ["clip.precision=fp32", "vqascore.variant=xl", "vqascore.batch=4", "vqascore.dtype=bfloat16",
-            "imagereward.dtype=float16", "hpsv2.version=2.0", "pickscore.processor=/p"]
+            "imagereward.dtype=float16", "hpsv2.version=2.0", "pickscore.processor=laion/CLIP-ViT-H-14"]
     assert rewards.parse_reward_options(good, names) == {
         "clip": {"precision": "fp32"}, "vqascore": {"variant": "xl", "batch": "4", "dtype": "bfloat16"},
-        "imagereward": {"dtype": "float16"}, "hpsv2": {"version": "2.0"}, "pickscore": {"processor": "/p"}}
+        "imagereward": {"dtype": "float16"}, "hpsv2": {"version": "2.0"},
+        "pickscore": {"processor": "laion/CLIP-ViT-H-14"}}  # a hub id: not a path to check
+    for spec in ["pickscore.processor=/p", "clip.checkpoint=model.safetensors", "aesthetic.head=~/no/head.pth"]:
+        with pytest.raises(ValueError, match=f"--reward-option {spec.partition('.')[0]}: .* does not exist"):
+            rewards.parse_reward_options([spec], names)
     assert rewards._reward_options("vqascore", {"batch": "4"})["batch"] == 4  # parsed once, for the factory
 
 
