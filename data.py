@@ -52,6 +52,7 @@ counts its outcomes in `source.stats` ({"ok": n, reason: n, ...}, this process o
 import argparse
 import colorsys
 import csv
+import hashlib
 import io
 import json
 import os
@@ -935,10 +936,22 @@ def collate(batch):
     return torch.stack(images), list(captions), torch.stack(rewards), list(sources)
 
 
-def text_key(key: str, field: str = "caption") -> str:
+def text_key(key: str, field: str, caption: str) -> str:
     """The name of one caption of a sample in a text-embedding cache: its key, or "key@field" for another caption
-    field (as annotation columns name a reward scored on another field)."""
-    return key if field == "caption" else f"{key}@{field}"
+    field (as annotation columns name a reward scored on another field), then "#" and 12 hex digits of the caption's
+    SHA-1, so that a cache of other captions under the same keys (an edited dataset, or another one whose keys are
+    positions, as img2dataset's) misses instead of feeding them."""
+    digest = hashlib.sha1(caption.encode()).hexdigest()[:12]
+    return f"{key}#{digest}" if field == "caption" else f"{key}@{field}#{digest}"
+
+
+def dataset_identity(path) -> str:
+    """Where a dataset lives, as a cache records the data it was made from: the resolved path (a shard pattern's
+    folder resolved, the pattern kept)."""
+    text = str(path)
+    if re.search(r"\{\d+\.\.\d+\}", text):
+        return str(Path(text).parent.resolve() / Path(text).name)
+    return str(Path(path).resolve())
 
 
 class ShardedSampler(torch.utils.data.Sampler):

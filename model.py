@@ -848,6 +848,7 @@ def adapt_config(cfg, text_encoder=None, vae=None):
 # A crash loses at most the chunks being written; a resumed precompute skips every key found in a complete chunk.
 
 EMPTY_CAPTION_KEY = ""  # every text cache also holds the empty caption (text dropout, the baseline's negative prompt)
+TEXT_KEYS = "key[@field]#sha1(caption)[:12]"  # how a text cache names its entries (data.text_key)
 
 
 def _chunk_names(root):
@@ -963,6 +964,9 @@ class TextEmbeddingCache:
         meta = self.cache.meta
         if meta.get("kind") != "text":
             raise ValueError(f"{root} is not a text-embedding cache (kind {meta.get('kind')!r})")
+        if meta.get("keys") != TEXT_KEYS:
+            raise ValueError(f"{root} is a text cache of an older model.py (its keys lack their caption's hash): "
+                             f"run model.py precompute again into a new --out")
         self.name, self.dim, self.max_length = meta["encoder"], meta["dim"], meta["max_length"]
 
     def __call__(self, keys):
@@ -985,6 +989,7 @@ class LatentCache:
             raise ValueError(f"{root} is not a latent cache (kind {meta.get('kind')!r})")
         self.name, self.image_size, self.seed = meta["vae"], meta["image_size"], meta["seed"]
         self.min_image_size = meta.get("min_image_size", 0)  # images smaller than this were not encoded
+        self.data = meta.get("data")  # data.dataset_identity of the images (None: not recorded)
 
     def __call__(self, keys):
         return torch.cat(self.cache.items(keys))
@@ -1050,24 +1055,28 @@ def precompute_text_embeddings(root, records, encoder, rank=0, world_size=1, bat
     def encode(keys, captions):
         features, mask = encoder(captions)
         return [f[: int(m.sum())] for f, m in zip(features, mask)]
-    meta = {"kind": "text", "encoder": encoder.name, "dim": encoder.dim, "max_length": encoder.max_length}
+    meta = {"kind": "text", "encoder": encoder.name, "dim": encoder.dim, "max_length": encoder.max_length,
+            "keys": TEXT_KEYS}
     records = itertools.chain([(EMPTY_CAPTION_KEY, "")] if rank == 0 or split else [], records)
     return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype, split)
 
 
 def precompute_latents(root, records, vae, image_size, seed=0, rank=0, world_size=1, batch_size=64,
-                       chunk_size=4096, dtype=torch.float16, split=True, min_image_size=0):
+                       chunk_size=4096, dtype=torch.float16, split=True, min_image_size=0, data=None):
     """Cache normalised SDXL latents for (key, image float (3, image_size, image_size) in [-1, 1]) records, each
     sampled from its posterior with key_generator(key, seed) (so the same on any rank, batch or rerun).
     min_image_size: the records' own filter (data.open_dataset's min_size), recorded so that a training run that
-    keeps smaller images is refused at its start rather than at the first image the cache lacks."""
+    keeps smaller images is refused at its start rather than at the first image the cache lacks. data: where the
+    images come from (data.dataset_identity), recorded so that a run on other data is refused: keys alone do not
+    tell two datasets apart (img2dataset's are positions; the built-in world's do not say its size)."""
     def encode(keys, images):
         x = torch.stack(images)
         if x.shape[-2:] != (image_size, image_size):
             raise ValueError(f"images must be {image_size}x{image_size}, got {tuple(x.shape[-2:])}")
         return list(vae.encode(x, [key_generator(k, seed) for k in keys])[:, None])  # (1, 4, h, w) each
     meta = {"kind": "latent", "vae": vae.name, "image_size": image_size, "seed": seed,
-            "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE, "min_image_size": min_image_size}
+            "mean": LATENT_MEAN, "std": LATENT_STD, "scale": LATENT_SCALE, "min_image_size": min_image_size,
+            "data": data}
     return precompute_cache(root, records, encode, meta, rank, world_size, batch_size, chunk_size, dtype, split)
 
 
@@ -1100,8 +1109,8 @@ def precompute(args):
             if record.error:
                 continue
             if what == "text":
-                yield from ((data.text_key(record.key, f), record.captions[f]) for f in ("caption", data.SYNTHETIC)
-                            if record.captions.get(f))
+                yield from ((data.text_key(record.key, f, record.captions[f]), record.captions[f])
+                            for f in ("caption", data.SYNTHETIC) if record.captions.get(f))
             else:
                 yield record.key, data.center_crop_resize(record.image, args.image_size).float() / 127.5 - 1
 
@@ -1113,7 +1122,8 @@ def precompute(args):
     if vae is not None:
         done = cached_keys(out / "latents")  # a rerun decodes only the images it still encodes
         n = precompute_latents(out / "latents", records("latents", done), vae, args.image_size, seed=args.seed,
-                               min_image_size=getattr(sources["latents"], "min_size", 0), **options)
+                               min_image_size=getattr(sources["latents"], "min_size", 0),
+                               data=data.dataset_identity(args.data), **options)
         print(f"rank {rank}: {n} images encoded into {out / 'latents'}", flush=True)
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -363,7 +363,7 @@ class ModelInputs:
     """
 
     def __init__(self, tokenizer, text_encoder, vae, device, seed=0, text_cache=None, latent_cache=None,
-                 image_size=None, min_image_size=0):
+                 image_size=None, min_image_size=0, data_identity=None):
         self.tokenizer, self.text_encoder, self.vae, self.device, self.seed = tokenizer, text_encoder, vae, device, seed
         self.text_cache = TextEmbeddingCache(text_cache) if text_cache else None
         self.latent_cache = LatentCache(latent_cache) if latent_cache else None
@@ -376,6 +376,11 @@ class ModelInputs:
             raise ValueError(f"--latent-cache {latent_cache} holds {self.latent_cache.name} latents of "
                              f"{self.latent_cache.image_size} px images (seed {self.latent_cache.seed}), not "
                              f"{vae.name} at {image_size} px (seed {seed})")
+        if self.latent_cache and None not in (self.latent_cache.data, data_identity) and \
+                self.latent_cache.data != data_identity:
+            raise ValueError(f"--latent-cache {latent_cache} holds the images of {self.latent_cache.data}, not of "
+                             f"{data_identity}: precompute one for this data (for a dataset that moved, correct "
+                             f"\"data\" in the cache's meta.json)")
         if self.latent_cache and self.latent_cache.min_image_size > min_image_size:
             raise ValueError(f"--latent-cache {latent_cache} holds only images of at least "
                              f"{self.latent_cache.min_image_size} px: train with --min-image-size "
@@ -388,8 +393,8 @@ class ModelInputs:
         if self.text_encoder is None:
             ids, mask = self.tokenizer([c if k else "" for c, k in zip(captions, keep)])
         elif self.text_cache is not None:
-            ids, mask = trim_padding(*self._read(self.text_cache, [data.text_key(*s) if k else EMPTY_CAPTION_KEY
-                                                                   for s, k in zip(sources, keep)]))
+            keys = [data.text_key(*s, c) if k else EMPTY_CAPTION_KEY for s, c, k in zip(sources, captions, keep)]
+            ids, mask = trim_padding(*self._read(self.text_cache, keys))
         else:
             ids, mask = trim_padding(*self.text_encoder([c if k else "" for c, k in zip(captions, keep)]))
         return ids.to(self.device), mask.to(self.device)
@@ -609,7 +614,7 @@ def main(argv=None):
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
     try:
         inputs = ModelInputs(tokenizer, text_encoder, vae, device, args.seed, args.text_cache, args.latent_cache,
-                             pixel_size, args.min_image_size)
+                             pixel_size, args.min_image_size, data.dataset_identity(data_dir))
     except (OSError, ValueError) as e:
         parser.error(str(e))
     torch.manual_seed(args.seed)

@@ -164,6 +164,10 @@ def test_text_cache_equals_on_the_fly_and_resumes(t5, tmp_path):
     middle.unlink()
     assert M.precompute_text_embeddings(root, records, t5, rank=0, world_size=2, chunk_size=3) == len(lost_keys)
     assert len(M.TextEmbeddingCache(root).cache) == 12
+    meta = json.loads((root / "meta.json").read_text())  # a cache of an older model.py, keyed without the captions
+    (root / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "keys"}))
+    with pytest.raises(ValueError, match="text cache of an older model.py .* run model.py precompute again"):
+        M.TextEmbeddingCache(root)
 
 
 def test_cache_keeps_one_copy_of_a_duplicated_key_and_bounds_open_chunks(tmp_path, capsys):
@@ -328,6 +332,9 @@ def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_di
     torch.testing.assert_close(f2, fc, rtol=2e-3, atol=1e-3)  # two ranks cached what one process cached
     torch.testing.assert_close(cached.images(images, sources), live.images(images, sources), rtol=2e-3, atol=2e-3)
     assert len(M.TextEmbeddingCache(tmp_path / "two" / "text").cache) == 49  # 48 captions + the empty one
+    edited = ["a photo of a purple square", *captions[1:]]  # another caption under the same key: a miss, not a feed
+    with pytest.raises(SystemExit, match=f"'{samples.keys[3]}#[0-9a-f]{{12}}' is not in the cache"):
+        cached.text(edited, sources, keep)
 
     caches = ["--text-cache", str(tmp_path / "cache" / "text"), "--latent-cache", str(tmp_path / "cache" / "latents")]
     train.main(tiny_train_args(runs, *text_flags, *vae_flags, *caches, "--steps", "2", "--keep-every", "0"))
@@ -351,6 +358,14 @@ def test_a_latent_cache_that_lacks_the_runs_images_is_a_one_line_error(vae, vae_
     with pytest.raises(SystemExit, match="is not in the cache .*part.*last checkpoint is kept"):
         train.main(tiny_train_args(runs, *vae_flags, "--latent-cache", str(tmp_path / "part")))
     assert not (runs / "miro" / "ckpt.pt").exists()  # it stopped at its first batch, before any step
+    other = data.build_shapes_dataset(data.WorldConfig(image_size=16, num_train=48), tmp_path / "data16")
+    M.main(["precompute", "--data", str(other), "--out", str(tmp_path / "c16"), *vae_flags, "--image-size", "32"])
+    capsys.readouterr()  # a 16-px world upscaled to 32 px, under the same keys as the run's 32-px world
+    with pytest.raises(SystemExit):
+        train.main(tiny_train_args(runs, *vae_flags, "--latent-cache", str(tmp_path / "c16" / "latents"),
+                                   "--name", "other"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"holds the images of {other.resolve()}, not of {(tmp_path / 'data').resolve()}" in err
 
     folder = tmp_path / "folder"  # a real format (the built-in world's images are not screened by size)
     folder.mkdir()
