@@ -761,7 +761,10 @@ class IndexedSource(RealSource):
     def from_manifest(cls, path: Path, **screening) -> "IndexedSource":
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
             if path.suffix.lower() == ".csv":
-                rows = list(csv.DictReader(f))
+                try:
+                    rows = list(csv.DictReader(f))
+                except csv.Error as e:  # e.g. a field over the csv module's 128 KiB limit
+                    raise ValueError(f"{path}: not a readable CSV manifest ({e})") from None
             else:
                 rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
         entries = []

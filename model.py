@@ -621,6 +621,8 @@ class T5TextEncoder:
 
     def __init__(self, source="google/flan-t5-xl", max_length=256, device="cpu", precision="bf16"):
         from transformers import AutoTokenizer, T5EncoderModel
+        if not str(max_length).isdigit() or int(max_length) < 1:  # checked before the (slow) load
+            raise ValueError(f"t5: max_length must be a positive integer, got {max_length!r}")
         model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)
         _check_loading(source, T5EncoderModel, info)
         self.tokenizer = AutoTokenizer.from_pretrained(source)

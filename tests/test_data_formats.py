@@ -256,6 +256,9 @@ def test_default_keys_and_bad_input_errors(tmp_path, samples):
     assert [r.error for r in source.iter_records()] == ["missing", None, None] and source.stats["missing"] == 1
     with pytest.raises(ValueError, match="no image path"):
         data.open_dataset(tmp_path / "noimage.jsonl")
+    (tmp_path / "long.csv").write_text("image,caption\na.png," + "x" * 200_000 + "\n")  # over csv's field limit
+    with pytest.raises(ValueError, match="long.csv: not a readable CSV manifest"):
+        data.open_dataset(tmp_path / "long.csv")
     with pytest.raises(FileNotFoundError, match="shard"):
         data.open_dataset(f"{tmp_path}/{{00000..00002}}.tar")
     with pytest.raises(FileNotFoundError):

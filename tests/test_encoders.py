@@ -83,6 +83,9 @@ def test_load_text_encoder_names_and_options(t5_dir):
         M.load_text_encoder("t5", source=str(t5_dir), max_len=77)
     with pytest.raises(ValueError, match="precision"):
         M.load_text_encoder("t5", source=str(t5_dir), precision="fp16")
+    for bad in ("0", "-3", "many"):  # a cache of zero-length features otherwise
+        with pytest.raises(ValueError, match=f"t5: max_length must be a positive integer, got '{bad}'"):
+            M.load_text_encoder("t5", source=str(t5_dir), max_length=bad)
 
 
 # ---- the generator on frozen features ---------------------------------------------------------------------------
