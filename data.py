@@ -960,7 +960,8 @@ def dataset_identity(path) -> str:
 class ShardedSampler(torch.utils.data.Sampler):
     """Batches of indices for one rank (use as DataLoader(batch_sampler=...)).
 
-    Epoch e is a permutation of range(n) seeded with seed + e, cut to a multiple of batch_size * world_size (the
+    Epoch e is a permutation of range(n) seeded with seed + 1_000_003 e (seed + e would give seed s + 1 the order
+    of seed s one epoch later), cut to a multiple of batch_size * world_size (the
     tail is dropped) and dealt round-robin, so ranks get disjoint, equal-size slices. Each iter() yields the rest of
     the current epoch from the current batch offset and then moves to the next epoch. To resume after `step`
     batches: set_position(step // len(sampler), step % len(sampler)).
@@ -982,7 +983,7 @@ class ShardedSampler(torch.utils.data.Sampler):
 
     def batches(self, epoch: int) -> list[list[int]]:
         """All of this rank's batches of an epoch."""
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1_000_003 * epoch))
         mine = perm[: self.num_batches * self.batch_size * self.world_size][self.rank::self.world_size].tolist()
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 

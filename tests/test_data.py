@@ -349,6 +349,9 @@ def test_sharded_sampler_disjoint_covering_and_resume():
     resumed.set_position(0, 5)
     assert list(iter(resumed)) == epoch0[5:]
     assert data.ShardedSampler(103, 4, seed=6).batches(0) != data.ShardedSampler(103, 4, seed=5).batches(0)
+    orders = {(seed, epoch): data.ShardedSampler(103, 4, seed=seed).batches(epoch) for seed in range(4)
+              for epoch in range(3)}  # runs of nearby seeds share no epoch's order
+    assert len({str(b) for b in orders.values()}) == len(orders)
     with pytest.raises(ValueError):
         data.ShardedSampler(10, 4, rank=0, world_size=3)
 
