@@ -992,6 +992,10 @@ class LatentCache:
         self.name, self.image_size, self.seed = meta["vae"], meta["image_size"], meta["seed"]
         self.min_image_size = meta.get("min_image_size", 0)  # images smaller than this were not encoded
         self.data = meta.get("data")  # data.dataset_identity of the images (None: not recorded)
+        normalised = [meta.get("mean"), meta.get("std"), meta.get("scale")]
+        if normalised != [list(LATENT_MEAN), list(LATENT_STD), LATENT_SCALE]:
+            raise ValueError(f"{root} holds latents normalised with mean, std, scale {normalised}, not this "
+                             f"model.py's {[list(LATENT_MEAN), list(LATENT_STD), LATENT_SCALE]}: precompute again")
 
     def __call__(self, keys):
         return torch.cat(self.cache.items(keys))

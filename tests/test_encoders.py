@@ -240,6 +240,10 @@ def test_latent_cache_equals_on_the_fly(vae, tmp_path):
     torch.testing.assert_close(cache(keys), expected, rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="16x16"):
         M.precompute_latents(tmp_path / "bad", [("x", torch.zeros(3, 8, 8))], vae, image_size=16)
+    meta = json.loads((root / "meta.json").read_text())  # latents of other normalisation constants
+    (root / "meta.json").write_text(json.dumps({**meta, "std": [1.0, 1.0, 1.0, 1.0]}))
+    with pytest.raises(ValueError, match="normalised with mean, std, scale .* precompute again"):
+        M.LatentCache(root)
 
 
 def test_loaders_are_strict(vae_dir, tmp_path):
