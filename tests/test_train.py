@@ -226,3 +226,45 @@ def test_the_model_is_fed_each_samples_binned_rewards(tiny_runs, tmp_path, monke
         expected = torch.from_numpy(bins.values(data.sample_scores(annotations, keys, names)))
         assert torch.equal(fed, expected)
         assert len(fed.unique(dim=0)) > 1  # the values differ between samples
+
+
+def test_training_lowers_the_flow_matching_loss(tiny_runs, tmp_path):
+    """40 steps take the tiny model's loss on a fixed batch of training samples (fixed t and noise) well below that
+    of its initialisation (whose zero output layer predicts v = 0): the optimizer descends the objective."""
+    from model import MIRO, ModelConfig, model_from_checkpoint
+    data_dir = tiny_runs.parent / "data"
+    train.main(tiny_train_args(tmp_path / "runs", "--data-dir", str(data_dir), "--steps", "40", "--keep-every", "0"))
+    ckpt = load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")
+    trained, tokenizer = model_from_checkpoint(ckpt, ema=False)
+    torch.manual_seed(0)
+    initial = MIRO(ModelConfig(**ckpt["config"])).eval()
+    samples = data.ImageTextSamples(data_dir)
+    names = ckpt["config"]["reward_names"]
+    scores = data.sample_scores(rewards.load_annotations(data_dir / rewards.ANNOTATIONS), samples.keys, names)
+    values = rewards.RewardBins.from_dict(ckpt["bins"]).values(scores)
+    images, captions, rewards_fed, _ = data.collate([data.MiroDataset(samples, values)[i] for i in range(16)])
+    g = torch.Generator().manual_seed(1)
+    t, noise = torch.rand(16, generator=g), torch.randn(images.shape, generator=g)
+    text, mask = tokenizer(captions)
+    with torch.no_grad():
+        before, after = (train.flow_matching_loss(m, images, t, noise, text=text, text_mask=mask, rewards=rewards_fed)
+                         for m in (initial, trained))
+    assert after < 0.8 * before, (before.item(), after.item())
+
+
+def test_text_and_reward_dropout_reach_the_model(tiny_runs, tmp_path, monkeypatch):
+    """The step's coins (train.step_draws) are applied: a caption that loses its coin reaches the model as the
+    empty caption (no text token), and a dropped reward as drop_rewards."""
+    fed = []
+    loss = train.flow_matching_loss
+    monkeypatch.setattr(train, "flow_matching_loss",
+                        lambda *a, **condition: fed.append(condition) or loss(*a, **condition))
+    train.main(tiny_train_args(tmp_path / "runs", "--data-dir", str(tiny_runs.parent / "data"), "--steps", "2",
+                               "--text-dropout", "0.5", "--reward-dropout", "0.5", "--keep-every", "0"))
+    tc = train.TrainConfig(**load_checkpoint(tmp_path / "runs" / "miro" / "ckpt.pt")["train"])
+    assert len(fed) == 2
+    for step, condition in enumerate(fed):
+        _, _, keep_text, drop_rewards = train.step_draws(0, step, 8, (3, 16, 16), 4, tc)
+        assert 0 < keep_text.sum() < 8 and drop_rewards.any() and not drop_rewards.all()  # both kinds of coin
+        assert torch.equal(condition["text_mask"].any(1), keep_text)  # kept captions have words, dropped none
+        assert torch.equal(condition["drop_rewards"], drop_rewards)
