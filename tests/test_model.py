@@ -260,11 +260,18 @@ def test_word_tokenizer():
 
 
 def test_tokenizer_feeds_the_model():
+    """The tokenizer's ids and mask condition the model: one changed word changes that sample's output only, and a
+    sample's output does not depend on the other captions of its batch."""
     tok = WordTokenizer(WORDS, max_len=8)
     model = make_model(nonzero=True, vocab_size=len(tok))
-    ids, mask = tok(["a photo of two red circles", ""])
     x, t, _, _, rewards = make_inputs(model.cfg, B=2)
-    assert torch.isfinite(model(x, t, ids, mask, rewards)).all()
+    captions = ["a photo of two red circles", "a photo of a square"]
+    out = model(x, t, *tok(captions), rewards)
+    assert torch.isfinite(out).all()
+    changed = model(x, t, *tok(["a photo of two blue circles", captions[1]]), rewards)
+    assert not torch.allclose(changed[0], out[0]) and torch.allclose(changed[1], out[1], atol=1e-6)
+    alone = model(x[1:], t[1:], *tok(captions[1:]), rewards[1:])
+    torch.testing.assert_close(alone[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- config and presets

@@ -171,7 +171,7 @@ def test_sigkill_anywhere_and_resume_equals_uninterrupted_run(tiny_runs, tmp_pat
     assert (run / "ckpt.pt.tmp").stat().st_size > 0  # the torn file is there ...
     assert checkpoints_load(run) == {"ckpt.pt": 2, "ckpt_0000003.pt": 3}  # ... but ckpt.pt is the previous one
 
-    lives, steps_seen = 1, []
+    lives, steps_seen, killed_mid_run = 1, [], 0
     while True:
         lives += 1
         before = sum(l.startswith("training") for l in (run / "log.txt").read_text().splitlines())
@@ -183,8 +183,10 @@ def test_sigkill_anywhere_and_resume_equals_uninterrupted_run(tiny_runs, tmp_pat
         _, err = proc.communicate(timeout=120)
         assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
         steps_seen.append(checkpoints_load(run)["ckpt.pt"])  # loads after every kill
+        killed_mid_run += proc.returncode == -signal.SIGKILL and steps_seen[-1] < 8
         if proc.returncode == 0:
             break
+    assert killed_mid_run >= 1  # a kill landed inside training: otherwise this would test an uninterrupted run
     assert steps_seen[-1] == 8 and steps_seen == sorted(steps_seen)
     assert {"ckpt_0000003.pt", "ckpt_0000006.pt"} <= set(checkpoints_load(run))
     assert_same_weights(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"), load_checkpoint(run / "ckpt.pt"))

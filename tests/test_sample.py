@@ -112,6 +112,12 @@ def test_best_of_n_keeps_the_highest_reward():
     best, scores = best_of_n(candidates, ["a", "b"], brightness)
     assert torch.equal(best, candidates[:, 2]) and torch.allclose(scores, (candidates[:, 2, 0, 0, 0] + 1) / 2)
 
+    def caption_dependent(images, captions):  # "a" asks for bright, "b" for dark: each candidate needs its prompt
+        return images.mean(dim=(1, 2, 3)) * torch.tensor([1.0 if c == "a" else -1.0 for c in captions])
+
+    best, _ = best_of_n(candidates, ["a", "b"], caption_dependent)
+    assert torch.equal(best[0], candidates[0, 2]) and torch.equal(best[1], candidates[1, 0])
+
 
 def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     out = tmp_path / "grid.png"
@@ -186,6 +192,20 @@ def saved_images(out):
 
 
 PROMPT = "a photo of two red circles"
+
+
+def test_cli_no_ema_samples_the_raw_weights(lively_run, tmp_path):
+    """--no-ema: generate's images from the checkpoint's raw weights, not from its EMA (which differs here)."""
+    run, ema_model, tokenizer = lively_run
+    flags = ["--ckpt", str(run), "--prompt", PROMPT, "--n", "2", "--steps", "3", "--seed", "1", "--cfg", "2",
+             "--device", "cpu"]
+    sample.main([*flags, "--no-ema", "--out", str(tmp_path / "raw.png")])
+    raw_model, _ = model_from_checkpoint(load_checkpoint(run / "ckpt.pt"), ema=False)
+    R = len(raw_model.cfg.reward_names)
+    raw, ema = (to_uint8(generate(m, tokenizer, [PROMPT] * 2, torch.ones(2, R), torch.zeros(2, R), cfg=2.0, steps=3,
+                                  seed=1)) for m in (raw_model, ema_model))
+    saved = saved_images(tmp_path / "raw.png")
+    assert np.array_equal(saved, raw) and not np.array_equal(saved, ema)
 
 
 def test_cli_samples_with_the_given_reward_targets(lively_run, tmp_path):
