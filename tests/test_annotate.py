@@ -305,7 +305,7 @@ def test_killed_run_resumes_without_rescoring(tmp_path, world, probe):
     script.write_text(ANNOTATE_WITH_PROBE.format(repo=str(REPO), tests=str(REPO / "tests")))
     out = tmp_path / "ann"
     cmd = [sys.executable, str(script), "annotate", "--data", str(world), "--out", str(out), "--batch-size", "8",
-           "--rewards", "contrast,probe", "--reward-option", "probe.delay=0.25"]
+           "--rewards", "contrast,probe", "--reward-option", "probe.delay=0.5"]  # 3 s to kill it in
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
                                                                                          "OMP_NUM_THREADS": "1"})
     part = out / "annotations.rank0.jsonl"
