@@ -223,12 +223,19 @@ def test_render_fill_ratio_colour_and_background(shape, fill):
 
 
 def test_render_is_antialiased_and_scales():
-    box = [8.25, 8.25, 20.25, 20.25]
-    img = data.render_scene([{"class": "circle", "color": "blue", "box": box}], 32, np.random.default_rng(0))
+    """Edges are anti-aliased; a scene rendered at 64 px (boxes doubled, same seed) and averaged over 2x2 pixels is
+    the 32-px render: same place, size, colours and background (only edge pixels differ, mean |diff| ~0.2 / 255)."""
+    scene = [{"class": "circle", "color": "blue", "box": [8.25, 8.25, 20.25, 20.25]},
+             {"class": "triangle", "color": "red", "box": [20.5, 3.0, 30.75, 13.25]},
+             {"class": "square", "color": "green", "box": [3.5, 22.0, 13.75, 30.0]}]
+    img = data.render_scene(scene, 32, np.random.default_rng(0))
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 5  # partial-coverage edge pixels exist
-    big_box = [2 * v for v in box]
-    big = data.render_scene([{"class": "circle", "color": "blue", "box": big_box}], data.WorldConfig(image_size=64))
-    assert big.shape == (64, 64, 3)
+    big_scene = [{**o, "box": [2 * v for v in o["box"]]} for o in scene]
+    big = data.render_scene(big_scene, data.WorldConfig(image_size=64))  # the default rng: seed 0 too
+    assert img.shape == (32, 32, 3) and big.shape == (64, 64, 3)
+    pooled = big.astype(float).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))  # 2x2 average pooling
+    err = float(np.abs(pooled - img).mean())
+    assert err < 1.0, err
 
 
 @pytest.mark.parametrize("kind", data.DEGRADATIONS)

@@ -283,14 +283,39 @@ def test_convergence_evaluations_two_at_a_time_match_one_at_a_time(tiny_runs, tm
     assert caches[2] == before  # every key cached: no checkpoint is opened
 
 
-def test_rewards_tradeoff_and_diversity_write_their_numbers(tiny_runs, tmp_path):
-    ckpt = str(tiny_runs / "miro")
-    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "contrast", "--values", "0,1", "--n-per-prompt", "1",
-                   "--min-per-task", "1", "--steps", "2", "--out", str(tmp_path))
+@pytest.fixture
+def lively_miro(tiny_runs, tmp_path):
+    """The tiny MIRO run with a random EMA output layer, so that its images depend on the reward targets (as
+    tests/test_sample.py's lively_run)."""
+    ckpt = torch.load(tiny_runs / "miro" / "ckpt.pt", weights_only=True)
+    w = ckpt["ema"]["final_layer.linear.weight"]
+    ckpt["ema"]["final_layer.linear.weight"] = 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "lively").mkdir()
+    torch.save(ckpt, tmp_path / "lively" / "ckpt.pt")
+    return tmp_path / "lively"
+
+
+def test_tradeoff_sweeps_one_reward_target(lively_miro, tmp_path):
+    """--reward contrast sweeps contrast's positive target, the others at 1: each point is the evaluation at that
+    target (the rewards subcommand at --rewards contrast=v on the same images gives the same numbers), the target
+    matters, and every metric is reported and plotted."""
+    ckpt, few = str(lively_miro), ["--n-per-prompt", "1", "--min-per-task", "1", "--steps", "2"]
+    res = run_eval("tradeoff", "--ckpt", ckpt, "--reward", "contrast", "--values", "0,1", *few, "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
     sweep = json.loads((tmp_path / "tradeoff.json").read_text())["sweep"]
     assert set(sweep) == {"0.0", "1.0"} and {"alignment", "contrast", "geneval", "diversity"} <= set(sweep["0.0"])
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert sweep["0.0"]["contrast"] != sweep["1.0"]["contrast"]  # same noise: equal images give equal numbers
+    for v in ("0.0", "1.0"):  # the ends differ by > 1e-5 relative (contrast, sharpness): far above float noise
+        out = tmp_path / f"contrast={v}"
+        res = run_eval("rewards", "--ckpt", ckpt, "--rewards", f"contrast={v}", *few, "--out", str(out))
+        assert res.returncode == 0, res.stderr[-2000:]
+        at_v = {name: m["mean"] for name, m in json.loads((out / "rewards.json").read_text())["rewards"].items()}
+        assert {name: sweep[v][name] for name in at_v} == pytest.approx(at_v, rel=1e-9, abs=0), v
+
+
+def test_rewards_write_their_numbers(tiny_runs, tmp_path):
+    ckpt = str(tiny_runs / "miro")
     res = run_eval("rewards", "--ckpt", ckpt, "--n-per-prompt", "1", "--min-per-task", "1", "--steps", "2",
                    "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
