@@ -225,7 +225,8 @@ def parse_args(argv=None):
                         if getattr(args, f.name) is not None}  # what --resume checks against the run
     train_cfg = dataclasses.replace(TRAIN_PRESETS[args.preset or NEW_RUN["preset"]], **args.given_train)
     checks = [(train_cfg.steps > 0, "--steps must be > 0"), (train_cfg.batch_size > 0, "--batch-size must be > 0"),
-              (train_cfg.grad_accum > 0, "--grad-accum must be > 0"), (0 < train_cfg.lr < math.inf, "--lr must be > 0 and finite"),
+              (train_cfg.grad_accum > 0, "--grad-accum must be > 0"),
+              (0 < train_cfg.lr < math.inf, "--lr must be > 0 and finite"),
               (0 <= train_cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
               (0 <= train_cfg.text_dropout < 1, "--text-dropout must be in [0, 1)"),
               (0 <= train_cfg.reward_dropout < 1, "--reward-dropout must be in [0, 1)"),
@@ -299,8 +300,8 @@ def _flag_value(value):
 def resumed_settings(ckpt, args):
     """--resume: the TrainConfig and run-defining flags of the run in `ckpt`, as it was trained (args is filled in
     place). A flag given with --resume may change only RESUME_MAY_CHANGE (the length and the bookkeeping) and
-    the data's paths, RUN_PATHS (a moved dataset); one that contradicts the run raises ValueError, so that no resumed run trains
-    on other data, with another seed or schedule than the run it continues."""
+    the data's paths, RUN_PATHS (a moved dataset); one that contradicts the run raises ValueError, so that no
+    resumed run trains on other data, with another seed or schedule than the run it continues."""
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"not a train.py checkpoint (no {', '.join(missing)})")
