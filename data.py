@@ -600,8 +600,10 @@ class ShapesSource:
         return len(self.samples)
 
     def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
-                     seed=None, skip=()):
+                     seed=None, skip=(), need_caption=None):
         """Records of this consumer's samples (`consumer_indices`): in order, or shuffled by `seed`."""
+        if need_caption not in (None, "caption"):
+            return  # the built-in world captions each sample once
         for i in consumer_indices(len(self.samples), rank, world_size, worker_id, num_workers, seed):
             if self.samples.keys[i] in skip:
                 continue
@@ -781,11 +783,11 @@ class IndexedSource(RealSource):
         return len(self.entries)
 
     def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
-                     seed=None, skip=()):
+                     seed=None, skip=(), need_caption=None):
         """Records of this consumer's entries (`consumer_indices`): in index order, or shuffled by `seed`."""
         for i in consumer_indices(len(self.entries), rank, world_size, worker_id, num_workers, seed):
             key, image, captions = self.entries[i]
-            if key in skip:
+            if key in skip or (need_caption and not captions.get(need_caption)):
                 continue
             yield self._record(key, image, captions, duplicate=not self.first[i])
 
@@ -861,7 +863,7 @@ class WebDatasetSource(RealSource):
         return sum(int(json.loads(p.read_text())["successes"]) for p in stats)
 
     def iter_records(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
-                     seed=None, skip=()):
+                     seed=None, skip=(), need_caption=None):
         """This consumer's records, shard after shard (see the class docstring for the split)."""
         n = len(self.shards)
         consumer, consumers = _consumer(rank, world_size, worker_id, num_workers)
@@ -879,6 +881,9 @@ class WebDatasetSource(RealSource):
                 key = _key(fields.pop("key"), member_key)
                 if key in skip:
                     continue
+                if need_caption and not fields.get(need_caption):
+                    seen.add(key)  # a later record of this key stays a duplicate, as if this one had been read
+                    continue
                 ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
                 image = io.BytesIO(files[ext]) if ext else io.BytesIO(b"")  # no image member -> "unreadable"
                 yield self._record(key, image, fields, duplicate=key in seen)
@@ -888,9 +893,10 @@ class WebDatasetSource(RealSource):
 def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS, decode: bool = True):
     """A record source for the dataset at `path`, its format detected from what is there (see the module
     docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers, seed=None,
-    skip=()) yielding each sample to exactly one of the world_size * num_workers consumers (seed: a shuffled order,
-    the same seed on every consumer; skip: keys left out before their image is decoded, as rewards.annotate's
-    resumes need), and __len__ where the size is known up front. min_size / max_pixels screen the images
+    skip=(), need_caption=None) yielding each sample to exactly one of the world_size * num_workers consumers (seed:
+    a shuffled order, the same seed on every consumer; skip: keys left out before their image is decoded, as
+    rewards.annotate's resumes need; need_caption: a caption field without which a record is left out before its
+    image is decoded, as a "reward@field" pass needs), and __len__ where the size is known up front. min_size / max_pixels screen the images
     of real formats; decode=False reads a real format's captions only (every record's image None: a text-only
     pass). Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
     screening = {"min_size": min_size, "max_pixels": max_pixels, "decode": decode}

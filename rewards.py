@@ -1769,27 +1769,30 @@ def _torch_threads(n: int | None):
 
 
 class _RecordStream(torch.utils.data.IterableDataset):
-    """This rank's records whose key is not in `skip`, as (key, image uint8 (3,H,W) or None, captions, error). The
-    source leaves the skipped keys out before decoding them (iter_records(skip=)): a resume decodes only what it
-    scores. Under a DataLoader with workers each worker reads its own share (iter_records' worker split), so images
-    decode in parallel."""
+    """This rank's records whose key is not in `skip` (and that have caption `need_caption`, if given), as (key,
+    image uint8 (3,H,W) or None, captions, error). The source leaves the other records out before decoding them
+    (iter_records(skip=, need_caption=)): a resume decodes only what it scores. Under a DataLoader with workers
+    each worker reads its own share (iter_records' worker split), so images decode in parallel."""
 
-    def __init__(self, source, skip, rank: int, world_size: int):
+    def __init__(self, source, skip, rank: int, world_size: int, need_caption=None):
         self.source, self.skip, self.rank, self.world_size = source, skip, rank, world_size
+        self.need_caption = need_caption
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         wid, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        for r in self.source.iter_records(self.rank, self.world_size, wid, workers, skip=self.skip):
+        for r in self.source.iter_records(self.rank, self.world_size, wid, workers, skip=self.skip,
+                                          need_caption=self.need_caption):
             image = None if r.image is None else torch.from_numpy(np.array(r.image)).permute(2, 0, 1)
             yield r.key, image, r.captions, r.error
 
 
-def _record_batches(source, skip, skipped: dict, rank=0, world_size=1, batch_size=256, num_workers=0):
-    """Lists of (key, image uint8 (3,H,W), captions) of up to batch_size usable records not in `skip`; records
-    without a usable image are left out and recorded in skipped {key: reason}."""
-    loader = torch.utils.data.DataLoader(_RecordStream(source, skip, rank, world_size), batch_size=None,
-                                         num_workers=num_workers)
+def _record_batches(source, skip, skipped: dict, rank=0, world_size=1, batch_size=256, num_workers=0,
+                    need_caption=None):
+    """Lists of (key, image uint8 (3,H,W), captions) of up to batch_size usable records not in `skip` (with caption
+    `need_caption`, if given); records without a usable image are left out and recorded in skipped {key: reason}."""
+    loader = torch.utils.data.DataLoader(_RecordStream(source, skip, rank, world_size, need_caption),
+                                         batch_size=None, num_workers=num_workers)
     batch = []
     for key, image, captions, error in loader:
         if image is None:
@@ -1848,8 +1851,8 @@ def _reward_passes(source, rewards: Sequence, skipped: dict, scored=lambda name:
     keys scored(name) returns; a tqdm bar per reward (rank 0) shows images/s."""
     for reward in rewards:
         name = reward if isinstance(reward, str) else reward.name
-        skip = scored(name)
-        batches = _record_batches(source, skip, skipped, rank, world_size, batch_size, num_workers)
+        skip, field = scored(name), name.partition("@")[2]  # "reward@field": the records with that caption
+        batches = _record_batches(source, skip, skipped, rank, world_size, batch_size, num_workers, field or None)
         with tqdm(total=_todo(source, skip, world_size), desc=name, unit="img",
                   disable=not verbose or rank != 0) as bar:
             options = (reward_options or {}).get(name.partition("@")[0])

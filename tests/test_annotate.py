@@ -75,9 +75,9 @@ class ListSource:
     def __len__(self):
         return len(self.records)
 
-    def iter_records(self, rank=0, world_size=1, worker_id=0, num_workers=1, skip=()):
+    def iter_records(self, rank=0, world_size=1, worker_id=0, num_workers=1, skip=(), need_caption=None):
         yield from (r for r in self.records[rank * num_workers + worker_id::world_size * num_workers]
-                    if r.key not in skip)
+                    if r.key not in skip and (need_caption is None or r.captions.get(need_caption)))
 
 
 def mixed_records():
@@ -224,13 +224,15 @@ def test_a_changed_reward_version_rescores_its_columns(tmp_path, probe, monkeypa
 @pytest.mark.parametrize("layout", ["folder", "webdataset"])
 def test_a_rerun_decodes_only_what_it_scores(tmp_path, layout, monkeypatch):
     """Scored keys are left out before their image is decoded: a rerun with nothing left to score decodes nothing
-    (at paper scale a resume would otherwise decode 16M images once per reward), and an added reward decodes each
-    image once."""
+    (at paper scale a resume would otherwise decode 16M images once per reward), an added reward decodes each
+    image once, and a "reward@field" column only the images that have that caption."""
     import tarfile
     root = tmp_path / "data"
     for i in range(10):
         write_png(root / f"img{i}.png", i)
         (root / f"img{i}.txt").write_text(f"a red circle {i}")
+        if i % 2:
+            (root / f"img{i}.json").write_text(json.dumps({"synthetic_caption": f"a synthetic caption {i}"}))
     if layout == "webdataset":
         with tarfile.open(tmp_path / "shard.tar", "w") as tar:
             for f in sorted(root.iterdir()):
@@ -239,13 +241,15 @@ def test_a_rerun_decodes_only_what_it_scores(tmp_path, layout, monkeypatch):
     decodes = []
     load_image = data.load_image
     monkeypatch.setattr(data, "load_image", lambda *a, **k: decodes.append(1) or load_image(*a, **k))
-    runs = [["contrast", "sharpness"], ["contrast", "sharpness"], ["contrast", "sharpness", "cleanliness"]]
+    runs = [["contrast", "sharpness"], ["contrast", "sharpness"], ["contrast", "sharpness", "cleanliness"],
+            ["contrast@synthetic_caption"], ["contrast@synthetic_caption"]]
     counts = []
     for names in runs:
         decodes.clear()
         table = rewards.annotate(str(dataset), names, tmp_path / "ann", batch_size=4, verbose=False)
         counts.append(len(decodes))
-    assert counts == [20, 0, 10] and len(table) == 10 and all(len(v) == 3 for v in table.values())
+    assert counts == [20, 0, 10, 5, 0] and len(table) == 10
+    assert sorted(len(v) for v in table.values()) == [3] * 5 + [4] * 5  # the five with a synthetic caption
 
 
 @pytest.mark.parametrize("workers", [0, 2])
