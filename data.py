@@ -890,18 +890,24 @@ class WebDatasetSource(RealSource):
                 seen.add(key)
 
 
+def is_shard_pattern(text: str) -> bool:
+    """Whether a --data value is a WebDataset shard pattern such as 'shards/{00000..00099}.tar'."""
+    return re.search(r"\{\d+\.\.\d+\}", text) is not None
+
+
 def open_dataset(path, min_size: int = 0, max_pixels: int = MAX_PIXELS, decode: bool = True):
-    """A record source for the dataset at `path`, its format detected from what is there (see the module
-    docstring). Every source has .format, .iter_records(rank, world_size, worker_id, num_workers, seed=None,
-    skip=(), need_caption=None) yielding each sample to exactly one of the world_size * num_workers consumers (seed:
-    a shuffled order, the same seed on every consumer; skip: keys left out before their image is decoded, as
+    """A record source for the dataset at `path`, its format detected from what is there (see the module docstring).
+    Every source has .format, .iter_records(rank, world_size, worker_id, num_workers, seed=None, skip=(),
+    need_caption=None) yielding each sample to exactly one of the world_size * num_workers consumers (seed: a
+    shuffled order, the same seed on every consumer; skip: keys left out before their image is decoded, as
     rewards.annotate's resumes need; need_caption: a caption field without which a record is left out before its
-    image is decoded, as a "reward@field" pass needs), and __len__ where the size is known up front. min_size / max_pixels screen the images
-    of real formats; decode=False reads a real format's captions only (every record's image None: a text-only
-    pass). Raises FileNotFoundError / ValueError with a one-line message for a path that is not a dataset."""
+    image is decoded, as a "reward@field" pass needs), and __len__ where the size is known up front. min_size /
+    max_pixels screen the images of real formats; decode=False reads a real format's captions only (every record's
+    image None: a text-only pass). Raises FileNotFoundError / ValueError with a one-line message for a path that is
+    not a dataset."""
     screening = {"min_size": min_size, "max_pixels": max_pixels, "decode": decode}
     text, path = str(path), Path(path)
-    if re.search(r"\{\d+\.\.\d+\}", text):
+    if is_shard_pattern(text):
         return WebDatasetSource([Path(p) for p in expand_braces(text)], **screening)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
@@ -958,7 +964,7 @@ def dataset_identity(path) -> str:
     """Where a dataset lives, as a cache records the data it was made from: the resolved path (a shard pattern's
     folder resolved, the pattern kept)."""
     text = str(path)
-    if re.search(r"\{\d+\.\.\d+\}", text):
+    if is_shard_pattern(text):
         return str(Path(text).parent.resolve() / Path(text).name)
     return str(Path(path).resolve())
 
