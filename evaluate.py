@@ -104,10 +104,9 @@ def load_mask2former(source: str):
     """Mask2FormerForUniversalSegmentation (float32, eval) and its image processor from a hub id or a local folder;
     strict: missing, unexpected or mis-shaped weights raise ValueError (transformers would only log them)."""
     from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+    from model import _check_loading
     model, info = Mask2FormerForUniversalSegmentation.from_pretrained(source, output_loading_info=True)
-    bad = {k: sorted(map(str, v))[:3] for k, v in info.items() if k != "error_msgs" and v}
-    if bad:
-        raise ValueError(f"{source}: weights do not match Mask2FormerForUniversalSegmentation: {bad}")
+    _check_loading(source, Mask2FormerForUniversalSegmentation, info)
     return model.float().eval().requires_grad_(False), AutoImageProcessor.from_pretrained(source)
 
 
@@ -296,15 +295,16 @@ def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {spec}: no such file (or use 'heldout')")
     text = path.read_text(encoding="utf-8")
+    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix == ".jsonl":
-        prompts = [data._json_line(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        prompts = [data._json_line(line, path, n) for n, line in numbered]
     elif path.suffix == ".tsv":
         rows = csv.DictReader(text.splitlines(), delimiter="\t")
         if "Prompt" not in (rows.fieldnames or []):
             raise ValueError(f"{path}: no 'Prompt' column (PartiPrompts' layout: Prompt<TAB>Category<TAB>...)")
         prompts = [{"prompt": row["Prompt"], "tag": row.get("Category") or ""} for row in rows]
     else:
-        prompts = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+        prompts = [{"prompt": line.strip()} for _, line in numbered]
     if not prompts or not all(isinstance(p, dict) and isinstance(p.get("prompt"), str) for p in prompts):
         raise ValueError(f"{path}: expected prompts (a 'prompt' string per JSON line, a 'Prompt' column, or lines)")
     with_metadata = [p for p in prompts if "include" in p]
@@ -312,8 +312,7 @@ def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
         raise ValueError(f"{path}: {len(with_metadata)} of {len(prompts)} prompts carry GenEval metadata ('include'); "
                          f"a prompt file must be all GenEval metadata or all plain prompts")
     if with_metadata:  # only a .jsonl has metadata, one object per non-blank line
-        lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        for n, p in zip(lines, prompts):
+        for (n, _), p in zip(numbered, prompts):
             check_metadata(p, f"{path}:{n}")
     return prompts
 
@@ -568,13 +567,17 @@ def format_seed_table(seeds: dict[str, dict[str, dict]], columns: list[str]) -> 
     return "\n".join(lines)
 
 
+def format_speedup(s: float | None) -> str:
+    return "not reached" if s is None else f"{s:.1f}x"
+
+
 def format_speedup_table(rows: dict[str, dict[str, float | None]], title="speed-up") -> str:
     """A markdown table of speed-ups, one row per label ("seed 0", ...): rows[label][metric] = speedup() (None: not
     reached)."""
     columns = list(next(iter(rows.values())))
     lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, row in rows.items():
-        cells = ["not reached" if row[c] is None else f"{row[c]:.1f}x" for c in columns]
+        cells = [format_speedup(row[c]) for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -652,7 +655,7 @@ class Context:
 
     def judges(self, detector=True, features=True, reward_names=None):
         a = self.args
-        names = reward_names or [n for n in a.judge_rewards.split(",") if n]
+        names = [n for n in a.judge_rewards.split(",") if n] if reward_names is None else reward_names
         models = {n: rewards.load_reward(n, device=a.device, **a.reward_options.get(n, {})) for n in names}
         det = make_detector(a.detector, a.device, **a.detector_options) if detector else None
         return Judges(models, det, pixel_features if features else None)
@@ -692,8 +695,7 @@ def cmd_geneval(args, ctx):
                 write_text(sub / "metadata.jsonl", json.dumps(meta) + "\n")
             write_file(sub / "samples" / f"{it['sample']:04d}.png", lambda f: Image.fromarray(pixels).save(f, "PNG"))
 
-    rows = ctx.run(items, ctx.judges(features=False, reward_names=["alignment"] if ctx.world else None),
-                   on_images=write)
+    rows = ctx.run(items, ctx.judges(features=False, reward_names=[]), on_images=write)
     result = {"geneval": geneval_summary(rows, items), "images": len(items), "folder": str(folder)}
     per_task = result["geneval"]
     log(" | ".join(f"{t} {per_task[t]:.3f}" for t in per_task))
@@ -764,8 +766,9 @@ def cmd_tts(args, ctx):
     runs = [("MIRO" if ctx.names else "baseline", ctx)]
     if args.baseline:
         runs.append(("baseline" if ctx.names else "--baseline", Context(args, args.baseline)))
+    judges = ctx.judges(features=False)  # the same judges for both checkpoints: load them once
     for label, c in runs:
-        rows = c.run(items, c.judges(features=False))
+        rows = c.run(items, judges)
         by_prompt = {}
         for row, it in zip(rows, items):
             by_prompt.setdefault(it["index"], []).append((row, it))
@@ -1023,8 +1026,9 @@ def cmd_convergence(args, _ctx=None):
     extra_seeds = [args.seed + k for k in range(1, args.repeat_seeds + 1)]
     runs = convergence_runs(condition, preset["ablations"] and not args.no_ablations, extra_seeds)
     pairs = [("baseline", "miro"), *((f"baseline_seed{s}", f"miro_seed{s}") for s in extra_seeds)]
-    for curve in (run for pair in pairs for run in pair):  # only the curves need their intermediate checkpoints
-        runs[curve] += ["--keep-every", str(keep_every)]
+    curve_runs = [run for pair in pairs for run in pair]
+    for run in curve_runs:  # only the curves need their intermediate checkpoints
+        runs[run] += ["--keep-every", str(keep_every)]
     common = ["--preset", "cpu", "--seed", str(args.seed), "--steps", str(total), "--batch-size",
               str(preset["batch_size"]), "--warmup", str(preset["warmup"]), "--lr", str(preset["lr"]),
               "--ckpt-every", str(keep_every), "--sample-every", "0", "--log-every", str(keep_every)]
@@ -1044,7 +1048,6 @@ def cmd_convergence(args, _ctx=None):
 
     cache_path = out / "evals.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    curve_runs = [run for pair in pairs for run in pair]
     ablations = [run for run in runs if run not in curve_runs]
     repeats = curve_runs[2:]  # the repeated seeds' curves, evaluated last
     jobs = [(run, s, None) for run in ("baseline", "miro") for s in steps]
@@ -1061,25 +1064,26 @@ def cmd_convergence(args, _ctx=None):
              f"MIRO, target {args.tuned_target}": metrics_of("miro", total, args.tuned_target)}
     table.update({run: metrics_of(run, total) for run in ablations})
     seed_pairs = {str(seed): pair for seed, pair in zip([args.seed, *extra_seeds], pairs)}
-    seed_speedups, seed_matched = ({seed: {m: speedup(steps, [c[m] for c in curves[base]], [c[m] for c in curves[miro]],
-                                                   matched) for m in metrics if m != "diversity"}
+    series = {run: {m: [c[m] for c in curves[run]] for m in metrics} for run in curve_runs}
+
+    def speedups_of(base, miro, matched):  # diversity has no better direction to reach
+        return {m: speedup(steps, base[m], miro[m], matched) for m in metrics if m != "diversity"}
+    seed_speedups, seed_matched = ({seed: speedups_of(series[base], series[miro], matched)
                                     for seed, (base, miro) in seed_pairs.items()} for matched in (False, True))
     speedups, matched_speedups = seed_speedups[str(args.seed)], seed_matched[str(args.seed)]
 
     def spell(row):
-        return ", ".join(f"{m} {'not reached' if s is None else f'{s:.1f}x'}" for m, s in row.items())
+        return ", ".join(f"{m} {format_speedup(s)}" for m, s in row.items())
     log(format_table(table, metrics))
     log(f"speedup (baseline steps / MIRO steps to reach the baseline's final value and stay): {spell(speedups)}")
     log(f"matched speedup (steps the baseline needed to reach its final value and stay / MIRO's): "
         f"{spell(matched_speedups)}")
-    lines = {m: {"baseline": [c[m] for c in curves["baseline"]], "MIRO": [c[m] for c in curves["miro"]]}
-             for m in metrics}
+    lines = {m: {"baseline": series["baseline"][m], "MIRO": series["miro"][m]} for m in metrics}
     styles, mean_speedups, mean_matched = {}, {}, {}
     if extra_seeds:  # one seed's curves wander by about the gap between the models: show the mean over seeds too
-        mean = {label: {m: np.mean([[c[m] for c in curves[pair[i]]] for pair in seed_pairs.values()], 0).tolist()
+        mean = {label: {m: np.mean([series[pair[i]][m] for pair in seed_pairs.values()], 0).tolist()
                         for m in metrics} for i, label in enumerate(("baseline", "MIRO"))}
-        mean_speedups, mean_matched = ({m: speedup(steps, mean["baseline"][m], mean["MIRO"][m], matched)
-                                        for m in metrics if m != "diversity"} for matched in (False, True))
+        mean_speedups, mean_matched = (speedups_of(mean["baseline"], mean["MIRO"], m) for m in (False, True))
         for label, color in (("baseline", "C0"), ("MIRO", "C1")):
             mean_label = f"{label}, {len(seed_pairs)}-seed mean"
             styles.update({label: {"color": color, "alpha": 0.45},

@@ -1,7 +1,7 @@
 """Build the CUDA kernels of kernels/csrc once per machine and load them into this process.
 
-`build()` runs torch.utils.cpp_extension.load with the recipe that also works on machines without a GPU
-(engineering.md): CUDA_HOME set to the real toolkit root (the `nvcc` on PATH may be a wrapper script whose parent
+`build()` runs torch.utils.cpp_extension.load with the recipe that also works on machines without a GPU:
+CUDA_HOME set to the real toolkit root (the `nvcc` on PATH may be a wrapper script whose parent
 is not the toolkit), an explicit TORCH_CUDA_ARCH_LIST (torch's own detection fails with no GPU visible), MAX_JOBS,
 and only c10/cuda headers in the bindings. The .cu files include no torch headers at all, so each one also compiles
 alone: `nvcc -arch=sm_90 -Xptxas -v -c kernels/csrc/norm_modulate.cu`.

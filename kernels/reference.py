@@ -3,9 +3,8 @@
 These functions are the specification of each op and the path used on CPU; the CUDA kernels (csrc/) compute the
 same values and gradients, and the tests compare them against these references (stylegan3 `torch_utils/ops` style).
 
-Shapes: x, y (B, N, D) token sequences; shift, scale, gate (B, D) per-sample vectors broadcast over N; h (..., 2H).
-Low-precision inputs (fp16/bf16) are computed in float32 and the result is cast back to the input dtype, as the
-kernels do (float32 inputs take exactly the eager ops the model used before, so CPU training is unchanged).
+Shapes and output dtypes: see kernels/__init__.py. Half-precision inputs (fp16/bf16) are computed in float32 and
+rounded once at the end, as the kernels do; float32 inputs take exactly the eager ops (so CPU training is unchanged).
 """
 import torch
 import torch.nn.functional as F

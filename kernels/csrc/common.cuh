@@ -89,42 +89,26 @@ cudaError_t dispatch(DType dtype, bool vectorize, F&& launch) {
   return vectorize ? launch(Config<float, 4>{}) : launch(Config<float, 1>{});
 }
 
-template <typename T_, typename U_, int VEC_> struct Config2 {
-  using T = T_;
-  using U = U_;
-  static constexpr int VEC = VEC_;
-};
-
-// Elements per vector for a pair of storage types: 16 bytes of the wider one (8 bf16 when both are bf16, else 4).
-inline int64_t vector_width(DType a, DType b) {
-  return a == DType::kBFloat16 && b == DType::kBFloat16 ? 8 : 4;
-}
-
-// Calls launch(Config2<T, U, VEC>{}) for two storage types (vector_width elements per vector, or scalars).
-template <typename F>
-cudaError_t dispatch2(DType a, DType b, bool vectorize, F&& launch) {
-  using bf16 = __nv_bfloat16;
-  if (a == DType::kBFloat16 && b == DType::kBFloat16)
-    return vectorize ? launch(Config2<bf16, bf16, 8>{}) : launch(Config2<bf16, bf16, 1>{});
-  if (a == DType::kBFloat16) return vectorize ? launch(Config2<bf16, float, 4>{}) : launch(Config2<bf16, float, 1>{});
-  if (b == DType::kBFloat16) return vectorize ? launch(Config2<float, bf16, 4>{}) : launch(Config2<float, bf16, 1>{});
-  return vectorize ? launch(Config2<float, float, 4>{}) : launch(Config2<float, float, 1>{});
-}
-
 inline int threads_for(int64_t vectors_per_row, int max_threads) {
   int64_t t = (vectors_per_row + 31) / 32 * 32;
   return static_cast<int>(t < 32 ? 32 : (t > max_threads ? max_threads : t));
 }
 
-inline int sm_count() {
-  static int cache[64] = {};  // per device; a race only writes the same value twice
-  int device = 0, count = 0;
+// An attribute of the current device, queried once per device (a race only writes the same value twice).
+template <cudaDeviceAttr ATTR>
+int device_attribute() {
+  static int cache[64] = {};
+  int device = 0, value = 0;
   cudaGetDevice(&device);
   if (device < 64 && cache[device]) return cache[device];
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  count = count > 0 ? count : 1;
-  if (device < 64) cache[device] = count;
-  return count;
+  cudaDeviceGetAttribute(&value, ATTR, device);
+  if (device < 64) cache[device] = value;
+  return value;
+}
+
+inline int sm_count() {
+  const int count = device_attribute<cudaDevAttrMultiProcessorCount>();
+  return count > 0 ? count : 1;
 }
 
 }  // namespace miro

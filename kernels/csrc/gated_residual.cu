@@ -71,6 +71,28 @@ cudaError_t bwd_typed(const GatedResidualBwd& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T_, typename U_, int VEC_> struct Config2 {
+  using T = T_;
+  using U = U_;
+  static constexpr int VEC = VEC_;
+};
+
+// Elements per vector for a pair of storage types: 16 bytes of the wider one (8 bf16 when both are bf16, else 4).
+inline int64_t vector_width(DType a, DType b) {
+  return a == DType::kBFloat16 && b == DType::kBFloat16 ? 8 : 4;
+}
+
+// Calls launch(Config2<T, U, VEC>{}) for two storage types (vector_width elements per vector, or scalars).
+template <typename F>
+cudaError_t dispatch2(DType a, DType b, bool vectorize, F&& launch) {
+  using bf16 = __nv_bfloat16;
+  if (a == DType::kBFloat16 && b == DType::kBFloat16)
+    return vectorize ? launch(Config2<bf16, bf16, 8>{}) : launch(Config2<bf16, bf16, 1>{});
+  if (a == DType::kBFloat16) return vectorize ? launch(Config2<bf16, float, 4>{}) : launch(Config2<bf16, float, 1>{});
+  if (b == DType::kBFloat16) return vectorize ? launch(Config2<float, bf16, 4>{}) : launch(Config2<float, bf16, 1>{});
+  return vectorize ? launch(Config2<float, float, 4>{}) : launch(Config2<float, float, 1>{});
+}
+
 // Whether both types move as vectors of vector_width elements: each pointer aligned to its type's vector size.
 bool vectorizable(DType t, DType u, int64_t D, std::initializer_list<const void*> t_ptrs,
                   std::initializer_list<const void*> u_ptrs, int64_t gate_stride) {

@@ -15,6 +15,8 @@ namespace miro {
 namespace {
 
 constexpr int kMaxThreads = 512;
+// The backward's shared memory: 5 columns of D floats (acc_dy, acc_dyx, mod, gs, xh), then block_sum<2>'s scratch.
+constexpr int64_t kBwdColumns = 5, kBwdScratch = 2 * 32;
 
 template <typename T, int VEC, bool RMS, bool HAS_W>
 __global__ void __launch_bounds__(kMaxThreads) norm_modulate_fwd_kernel(NormModulateFwd a) {
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_modulate_bwd_kernel(NormModu
   extern __shared__ float smem[];
   const int64_t D = a.D, nvec = D / VEC, R = a.rows_per_chunk, chunks = (a.N + R - 1) / R;
   float *acc_dy = smem, *acc_dyx = smem + D, *mod = smem + 2 * D, *gs = smem + 3 * D, *xh = smem + 4 * D;
-  float* red = smem + 5 * D;
+  float* red = smem + kBwdColumns * D;
   const int64_t b = blockIdx.x / chunks, c = blockIdx.x % chunks;
   const int64_t n0 = c * R, n1 = min(a.N, n0 + R);
 
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_modulate_bwd_kernel(NormModu
 }
 
 inline size_t fwd_smem(int64_t D) { return (D + 32) * sizeof(float); }
-inline size_t bwd_smem(int64_t D) { return (5 * D + 64) * sizeof(float); }
+inline size_t bwd_smem(int64_t D) { return (kBwdColumns * D + kBwdScratch) * sizeof(float); }
 
 // Launches kernel<<<blocks, threads sized to D / VEC, smem>>>, opting in to more than 48 KiB of shared memory.
 template <typename Args>
@@ -196,14 +198,8 @@ cudaError_t launch_norm_modulate_bwd(const NormModulateBwd& a, cudaStream_t stre
 }
 
 int64_t norm_modulate_max_width() {
-  static int64_t cache[64] = {};  // per device; a race only writes the same value twice
-  int device = 0, optin = 0;
-  cudaGetDevice(&device);
-  if (device < 64 && cache[device]) return cache[device];
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t width = (static_cast<int64_t>(optin) / sizeof(float) - 64) / 5;  // the backward's 5 shared columns
-  if (device < 64) cache[device] = width;
-  return width;
+  const int64_t optin = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  return (optin / static_cast<int64_t>(sizeof(float)) - kBwdScratch) / kBwdColumns;  // the widest D bwd_smem fits
 }
 
 }  // namespace miro
