@@ -69,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
 
@@ -389,13 +390,12 @@ def _jitter_color(rgb, rng):
     return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 
-def render_scene(objects: list[dict], size=32, rng: np.random.Generator | None = None) -> np.ndarray:
+def render_scene(objects: list[dict], size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
     """Clean image uint8 (size, size, 3) of the objects on a light, low-saturation background.
 
-    `size` may also be a WorldConfig (its image_size). Circles are discs, squares axis-aligned, triangles upright
-    and isosceles, each filling its box; anti-aliased by rendering at SUPERSAMPLE x and box-downsampling.
+    Circles are discs, squares axis-aligned, triangles upright and isosceles, each filling its box; anti-aliased by
+    rendering at SUPERSAMPLE x and box-downsampling.
     """
-    size = getattr(size, "image_size", size)
     rng = rng if rng is not None else np.random.default_rng(0)
     bg = np.clip(rng.uniform(225, 250) + rng.uniform(-8, 8, 3), 0, 255).astype(int)
     k = SUPERSAMPLE
@@ -969,6 +969,40 @@ def dataset_identity(path) -> str:
     return str(Path(path).resolve())
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks: one process per device under torchrun (train.py, evaluate.py, rewards.py annotate, model.py precompute),
+# each reading its own share of the data.
+
+def rank_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> tuple[str, str]:
+    """(this rank's device, its process-group backend) for --device: "cuda" is the rank's own GPU, cuda:LOCAL_RANK,
+    with NCCL (which needs one GPU per rank); any other device uses gloo."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type != "cuda":
+        return str(dev), "gloo"
+    if dev.index is not None and local_world_size > 1:
+        raise ValueError(f"--device {device} would put all {local_world_size} ranks on one GPU: use --device cuda "
+                         f"(rank r takes cuda:r)")
+    return f"cuda:{local_rank if dev.index is None else dev.index}", "nccl"
+
+
+def init_distributed(device: str, timeout=None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, this rank's torch.device): joins torchrun's process group when launched by it (see
+    rank_device; timeout: a datetime.timedelta for jobs whose ranks finish unevenly), else (0, 1, device)."""
+    device, backend = rank_device(device, int(os.environ.get("LOCAL_RANK", 0)),
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 class ShardedSampler(torch.utils.data.Sampler):
     """Batches of indices for one rank (use as DataLoader(batch_sampler=...)).
 
@@ -1064,10 +1098,9 @@ class RewardTable:
         self.keys = encoded[order]
         self.values, self.complete, self.plain_for = {}, {}, {}
         for field in fields:
-            self.plain_for[field] = [n for n in self.names if field != "caption" and f"{n}@{field}" not in columns]
-            column = {n: n if field == "caption" or n in self.plain_for[field] else f"{n}@{field}" for n in self.names}
-            scores = {n: (columns[column[n]] if column[n] in columns else np.full(len(encoded), np.nan))[order]
-                      for n in self.names}
+            column = {n: f"{n}@{field}" if field != "caption" and f"{n}@{field}" in columns else n for n in self.names}
+            self.plain_for[field] = [n for n in self.names if field != "caption" and column[n] == n]
+            scores = {n: columns[column[n]][order] for n in self.names}
             self.values[field] = bins.values(scores)  # (N, R) float32, NaN -> 0
             self.complete[field] = np.isfinite(np.stack([scores[n] for n in self.names], 1)).all(1)
 

@@ -367,18 +367,6 @@ def repeat_prompts(prompts: list[dict], n_per_prompt: int, min_per_task: int = 0
 # ----------------------------------------------------------------------------------------------------------------
 # Sharded sampling and scoring.
 
-def init_distributed(device: str) -> tuple[int, str]:
-    """(rank, this rank's device): joins torchrun's process group when launched by it (see train.rank_device)."""
-    if "RANK" not in os.environ:
-        return 0, device
-    device, backend = train.rank_device(device, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), device
-
-
 def gather_rows(local: dict[int, dict], n: int) -> list[dict]:
     """Merge every rank's {item index: row} into one list of n rows in item order (all ranks get it)."""
     parts = [local]
@@ -1254,7 +1242,8 @@ def run_settings(args, ctx) -> dict:
 def main(argv=None):
     parser, args = parse_args(argv)
     try:
-        args.rank, args.device = init_distributed(args.device)
+        args.rank, _, device = data.init_distributed(args.device)
+        args.device = str(device)
         ctx = None if args.command == "convergence" else Context(args)
         default_out = Path("runs/convergence") if ctx is None else ctx.path.parent / "eval"
         args.out = Path(args.out) if args.out else default_out

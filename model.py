@@ -1097,12 +1097,9 @@ def precompute(args):
     pass reads captions only (no image is decoded, so it also caches the captions of samples whose images training
     skips: unused entries); the latent pass decodes only the images it still has to encode."""
     import data
-    rank, world_size = 0, 1
-    if "RANK" in os.environ:  # torchrun: a long timeout, since ranks finish their shares at different times
-        from datetime import timedelta
-        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(hours=12))
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+    from datetime import timedelta
+    # under torchrun: a long timeout, since ranks finish their shares at different times
+    rank, world_size, device = data.init_distributed(args.device, timeout=timedelta(hours=12))
     sources = {"text": data.open_dataset(args.data, decode=False),  # captions only: no image is decoded
                "latents": data.open_dataset(args.data, min_size=args.min_image_size)}
     Path(args.out).mkdir(parents=True, exist_ok=True)  # the data and the output first: loading encoders is slow

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -439,14 +438,19 @@ def contrast_score(images: torch.Tensor, captions=None) -> torch.Tensor:
     return _dynamic_range(images, median3x3(images))
 
 
+def _builtin_factory(name: str, fn: Callable) -> Callable[..., Reward]:
+    """factory(device) -> Reward: no options, so --reward-option cannot reach Reward's own arguments."""
+    return lambda device="cpu": Reward(name, fn, device)
+
+
 BUILTIN_REWARDS = ("alignment", "sharpness", "cleanliness", "contrast")
 for _name, _fn in zip(BUILTIN_REWARDS, (alignment_score, sharpness_score, cleanliness_score, contrast_score)):
-    REWARDS[_name] = partial(Reward, _name, _fn)  # factory(device) -> Reward
+    REWARDS[_name] = _builtin_factory(_name, _fn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The paper's learned reward models: CLIP score, LAION aesthetic, PickScore, HPSv2, SciScore.
-# (each: the real loader, a tiny constructor for tests, the normalisation to stored values)
+# (each: the real loader and the normalisation to stored values; tiny test models: tests/tiny_rewards.py)
 #
 # One loader per model family serves real weights and the tiny random models of the tests alike: options (strings
 # from the command line) name local weights (`checkpoint=PATH`, for offline nodes) and, for tests, a tiny
@@ -656,6 +660,13 @@ def _jina_clip_reward(device, o: dict) -> Reward:
     return Reward("clip", score, device, caption_field="caption", ragged=True)
 
 
+def rating_mlp(dim: int) -> torch.nn.Sequential:
+    """The head of both the LAION aesthetic predictor and ImageReward: Linear dim-1024-128-64-16-1 with no
+    activations, dropouts 0.2/0.2/0.1 (off in eval); its Linear layers are indices 0, 2, 4, 6, 7 in state dicts."""
+    L, D = torch.nn.Linear, torch.nn.Dropout
+    return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
+
+
 class AestheticHead(torch.nn.Module):
     """LAION aesthetic predictor v2 (improved-aesthetic-predictor): Linear 768-1024-128-64-16-1 with no activations
     (dropouts 0.2/0.2/0.1, inactive in eval), state keys layers.{0,2,4,6,7}; on L2-normalised CLIP ViT-L/14 image
@@ -663,9 +674,7 @@ class AestheticHead(torch.nn.Module):
 
     def __init__(self, dim: int = 768):
         super().__init__()
-        L = torch.nn.Linear
-        self.layers = torch.nn.Sequential(L(dim, 1024), torch.nn.Dropout(0.2), L(1024, 128), torch.nn.Dropout(0.2),
-                                          L(128, 64), torch.nn.Dropout(0.1), L(64, 16), L(16, 1))
+        self.layers = rating_mlp(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x).squeeze(-1)  # (B, 768) -> (B,)
@@ -743,52 +752,6 @@ def sciscore_reward(device="cpu", **options) -> Reward:
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K (the model it was trained from), so the same settings as PickScore."""
     return _hf_clip_reward("sciscore", "Jialuo21/SciScore", "Jialuo21/SciScore", device, options)
 
-
-# Tiny random models of the same classes, saved in the original layouts: offline tests and trial annotation runs.
-TINY_OPEN_CLIP = {"embed_dim": 768,  # 768 like ViT-L/14, so the LAION head fits on top
-                  "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 56},
-                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-
-
-def tiny_hf_clip():
-    """A tiny random transformers CLIPModel (224 px, 77 tokens) and a CLIPTokenizer built offline from open_clip's
-    bundled BPE (the same vocabulary and merges as OpenAI's CLIP tokenizer)."""
-    import open_clip
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    bpe = open_clip.tokenizer.SimpleTokenizer()
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # open_clip's spelling
-    tokenizer = CLIPTokenizer(vocab={names.get(k, k): v for k, v in bpe.encoder.items()},
-                              merges=sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get))
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
-                        vision_config=dict(tower, image_size=224, patch_size=56), projection_dim=16)
-    return CLIPModel(config).eval(), tokenizer
-
-
-def tiny_clip_family(out_dir, seed: int = 0) -> dict[str, dict]:
-    """Write tiny random versions of clip, aesthetic, hpsv2, pickscore and sciscore into out_dir, each in its
-    original file layout; returns {name: options} for load_reward(name, **options). Scores are meaningless."""
-    import open_clip
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "tiny-open-clip.json"
-    config.write_text(json.dumps(TINY_OPEN_CLIP))
-    open_clip.add_model_config(config)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        torch.save(open_clip.create_model(config.stem, force_quick_gelu=True).state_dict(), out / "clip.pt")
-        torch.save({"state_dict": open_clip.create_model(config.stem).state_dict()}, out / "hpsv2.pt")
-        torch.save(AestheticHead().state_dict(), out / "aesthetic.pth")
-        for name in ("pickscore", "sciscore"):
-            model, tokenizer = tiny_hf_clip()
-            model.save_pretrained(out / name)
-            tokenizer.save_pretrained(out / name)
-    common = dict(model_config=str(config))
-    return {"clip": dict(common, checkpoint=str(out / "clip.pt")),
-            "aesthetic": dict(common, checkpoint=str(out / "clip.pt"), head=str(out / "aesthetic.pth")),
-            "hpsv2": dict(common, checkpoint=str(out / "hpsv2.pt")),
-            "pickscore": dict(checkpoint=str(out / "pickscore")),
-            "sciscore": dict(checkpoint=str(out / "sciscore"))}
 
 # ---- end of CLIP-family rewards --------------------------------------------------------------------------------
 
@@ -1156,9 +1119,7 @@ class ImageRewardModel(torch.nn.Module):
         from transformers import BlipTextModel, BlipVisionModel
         self.vision = BlipVisionModel(vision)
         self.text = BlipTextModel(text, add_pooling_layer=False)
-        L, D = torch.nn.Linear, torch.nn.Dropout
-        self.mlp = torch.nn.Sequential(L(text.hidden_size, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1),
-                                       L(64, 16), L(16, 1))
+        self.mlp = rating_mlp(text.hidden_size)
 
     def forward(self, pixels, input_ids, attention_mask) -> torch.Tensor:
         """pixels (B,3,224,224) normalised, token ids and mask (B,35) -> standardised ImageReward score (B,)."""
@@ -1406,98 +1367,6 @@ def vqascore_reward(device="cpu", **options) -> Reward:
                   caption_field="caption", ragged=True)
 
 
-# Tiny random models of the same classes, written in the original layouts: offline tests and trial annotation runs.
-TINY_BLIP_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=224, patch_size=56, layer_norm_eps=1e-6, hidden_act="gelu")
-TINY_MED_CONFIG = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                       vocab_size=64, max_position_embeddings=64, hidden_act="gelu", layer_norm_eps=1e-12,
-                       pad_token_id=0, add_cross_attention=True, encoder_width=24, model_type="bert")
-TINY_WORDS = ("a an the of on in and with to is photo red green blue yellow cat dog square circle triangle left "
-              "right above below small large big two three").split()
-TINY_T5_PIECES = ["<pad>", "</s>", "<unk>", "▁", "▁Yes", ":", ".", "?", '"', ",", "'", "s", "▁USER", "▁ASSISTANT",
-                  *dict.fromkeys("▁" + w for w in "Does this figure show Please answer yes or no A chat between "
-                                                  "curious user artificial intelligence The gives helpful detailed "
-                                                  "polite answers questions".split() + TINY_WORDS)]
-
-
-def _tiny_spread(model: torch.nn.Module) -> torch.nn.Module:
-    """Variance-preserving weights (N(0, 1/fan_in)) for every Linear and Conv2d: with the usual 0.02 init, a tiny
-    random model barely reacts to its inputs and all scores agree to four digits, which would hide pairing mistakes.
-    BLIP's ViT initialises its patch, class and position embeddings with std 1e-10 (BlipVisionConfig's
-    initializer_range): left so, its image tokens are all alike and the scores hardly depend on the pixels."""
-    from transformers.models.blip.modeling_blip import BlipVisionEmbeddings
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-        if isinstance(m, BlipVisionEmbeddings):
-            torch.nn.init.normal_(m.class_embedding, std=0.02)
-            torch.nn.init.normal_(m.position_embedding, std=0.02)
-    return model
-
-
-def tiny_blip_t5(out_dir, seed: int = 0) -> dict[str, dict]:
-    """Write tiny random ImageReward and CLIP-FlanT5 models into out_dir in their original layouts (a flat .pt
-    with BLIP's names and med_config.json; a sharded pytorch_model.bin folder with CLIPT5's names and config.json
-    fields, beside a CLIP vision folder) plus offline tokenizers (a BERT vocab.txt; a T5 unigram tokenizer.json
-    over TINY_WORDS). Returns {name: options} for load_reward(name, **options). Scores are meaningless."""
-    from transformers import CLIPConfig, CLIPModel, T5Config, T5Tokenizer
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        # ImageReward: BERT vocabulary (special tokens first, as in bert-base-uncased) + the model + BLIP's extras.
-        (out / "bert").mkdir(exist_ok=True)
-        (out / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS,
-                                                           '"', "?", "."]) + "\n")
-        (out / "med_config.json").write_text(json.dumps(TINY_MED_CONFIG))
-        (out / "blip_vision.json").write_text(json.dumps(TINY_BLIP_VISION))
-        model = _tiny_spread(ImageRewardModel(*imagereward_configs(TINY_MED_CONFIG, TINY_BLIP_VISION)))
-        state = {_rename(k, IMAGEREWARD_RULES, reverse=True): v for k, v in model.state_dict().items()}
-        text_width, vision_width = TINY_MED_CONFIG["hidden_size"], TINY_BLIP_VISION["hidden_size"]
-        state.update({"blip.text_encoder.embeddings.position_ids": torch.arange(64)[None],
-                      "blip.vision_proj.weight": torch.randn(16, vision_width), "blip.text_proj.weight":
-                      torch.randn(16, text_width), "blip.vision_proj.bias": torch.zeros(16),
-                      "blip.text_proj.bias": torch.zeros(16)})
-        torch.save(state, out / "ImageReward.pt")
-
-        # CLIP-FlanT5: a CLIP folder like openai/clip-vit-large-patch14-336 (a whole CLIPModel; mm_vision_tower
-        # names it), a FlanT5-style T5 (untied head), the projector; the checkpoint holds the same tower.
-        tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2)
-        clip = _tiny_spread(CLIPModel(CLIPConfig(
-            vision_config=dict(tower, image_size=56, patch_size=14), projection_dim=16, text_config=dict(
-                tower, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))))
-        clip.save_pretrained(out / "clip-vision")
-        vision = clip.config.vision_config
-        t5 = T5Config(vocab_size=len(TINY_T5_PIECES) + 6,  # spare rows, as FlanT5 has 32128 for 32100 tokens
-                      d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
-                      decoder_start_token_id=0, tie_word_embeddings=False)
-        model = _tiny_spread(CLIPFlanT5(t5, vision, "mlp2x_gelu", -2))
-        model.vision.load_state_dict({k.removeprefix("vision_model."): v for k, v in clip.state_dict().items()
-                                      if k.startswith("vision_model.")})
-        state = {_rename(k, VQASCORE_RULES, reverse=True): v for k, v in model.state_dict().items()}
-        state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"]) / 24  # FlanT5's head is not tied
-        state["embed_tokens.weight"] = state["shared.weight"]               # CLIPT5's alias of the embedding
-        folder = out / "clip-flant5"
-        folder.mkdir(exist_ok=True)
-        names = sorted(state)
-        shards = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
-                  "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-        for file, keys in shards.items():
-            torch.save({k: state[k].clone() for k in keys}, folder / file)
-        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-            {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
-        config = {k: v for k, v in t5.to_dict().items() if k != "scale_decoder_outputs"}  # not in 2023 files
-        config |= {"tie_word_embeddings": False, "architectures": ["CLIPT5ForConditionalGeneration"],
-                  "model_type": "clip_t5", "mm_vision_tower": str(out / "clip-vision"), "mm_hidden_size": 32,
-                  "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-                  "mm_vision_select_feature": "patch", "use_mm_proj": True}
-        (folder / "config.json").write_text(json.dumps(config))
-    pieces = [(piece, -float(i)) for i, piece in enumerate(TINY_T5_PIECES)]  # unigram log-probabilities
-    T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(out / "t5")
-    return {"imagereward": dict(checkpoint=str(out / "ImageReward.pt"), med_config=str(out / "med_config.json"),
-                                vision_config=str(out / "blip_vision.json"), tokenizer=str(out / "bert")),
-            "vqascore": dict(checkpoint=str(folder), tokenizer=str(out / "t5"))}
-
 # ---- end of ImageReward / VQAScore -----------------------------------------------------------------------------
 
 
@@ -1682,10 +1551,15 @@ def load_annotation_columns(path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return keys, {name: np.frombuffer(column, np.float64) for name, column in columns.items()}
 
 
+def _all_rows(out_dir: Path):
+    """Every row of the table and of the part files (a pair may be in either until the next merge)."""
+    for path in [out_dir / ANNOTATIONS, *_part_files(out_dir)]:
+        yield from _iter_rows(path)
+
+
 def _scored_keys(out_dir: Path, name: str) -> set[str]:
     """Keys that have a score for `name` (NaN included: the reward ran) in the table or in any part file."""
-    return {row["key"] for path in [out_dir / ANNOTATIONS, *_part_files(out_dir)] for row in _iter_rows(path)
-            if name in row}
+    return {row["key"] for row in _all_rows(out_dir) if name in row}
 
 
 def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> tuple[dict[str, dict], list[str]]:
@@ -1829,9 +1703,6 @@ def _score_batches(batches, reward, device="cpu", options=None):
     model = None if isinstance(reward, str) else reward
     try:
         for batch in batches:
-            batch = [r for r in batch if r[2].get(field)] if field else batch
-            if not batch:
-                continue
             if model is None:
                 model = load_reward(base, device, **(options or {}))
             keys, images, captions = zip(*batch)
@@ -1870,7 +1741,8 @@ def _todo(source, skip, world_size: int) -> int | None:
 
 
 def _json_score(s: float):
-    return None if s != s else s  # NaN -> null (strict JSON)
+    """A score as stored: NaN (a failed score) and +-inf (a broken one, which would take a bin's edge) -> null."""
+    return s if math.isfinite(s) else None
 
 
 def _as_source(source):
@@ -1922,8 +1794,20 @@ def annotate(source, rewards: Sequence, out_dir, batch_size: int = 256, device="
             _record_versions(out_dir, names)
         _barrier(world_size)
         _check_field_columns(out_dir, names)
-        return _annotate_locked(source, rewards, out_dir, batch_size, device, num_bins, binning, reward_options,
-                                rank, world_size, num_workers, verbose, cpu_threads)
+        skipped: dict[str, str] = {}  # key -> why it has no score
+        threads = cpu_threads if torch.device(device).type == "cpu" else None
+        with _torch_threads(threads):
+            passes = _reward_passes(source, rewards, skipped, partial(_scored_keys, out_dir), rank=rank,
+                                    world_size=world_size, batch_size=batch_size, device=device,
+                                    reward_options=reward_options, num_workers=num_workers, verbose=verbose)
+            _append_scores(out_dir / f"annotations.rank{rank}.jsonl", passes)
+        if world_size > 1:  # every rank has finished scoring once this gather returns
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, skipped)
+            skipped = {k: v for s in gathered for k, v in s.items()}
+        table = _merge_and_fit(out_dir, skipped, num_bins, binning, verbose) if rank == 0 else None
+        _barrier(world_size)  # the other ranks wait for rank 0's merge
+        return table
 
 
 def _recorded_versions(out_dir: Path) -> dict[str, int]:
@@ -1939,8 +1823,7 @@ def _columns_to_rescore(out_dir: Path, names: Sequence[str], rescore: Sequence[s
     version of their reward than REWARD_VERSIONS says. A "name@field" column goes with its reward `name` (the same
     model); a dropped column that this run does not score stays absent until a run asks for it."""
     recorded = _recorded_versions(out_dir)
-    columns = {n for path in [out_dir / ANNOTATIONS, *_part_files(out_dir)] for row in _iter_rows(path) for n in row}
-    columns.discard("key")
+    columns = {n for row in _all_rows(out_dir) for n in row if n != "key"}
     base = {n: n.partition("@")[0] for n in columns}
     stale = sorted(n for n in columns if recorded.get(base[n], 1) != REWARD_VERSIONS.get(base[n], 1))
     drop = sorted({n for n in columns if n in rescore or base[n] in rescore} | set(stale))
@@ -1968,8 +1851,8 @@ def _check_field_columns(out_dir: Path, names: Sequence[str]):
     data.RewardTable): ValueError, before anything is scored, for one whose `name` is neither among `names` nor
     already in out_dir. (Every rank reads the same files, so all ranks agree.)"""
     bases = dict.fromkeys(n.partition("@")[0] for n in names if "@" in n and n.partition("@")[0] not in names)
-    files = [out_dir / ANNOTATIONS, *_part_files(out_dir)]
-    absent = [b for b in bases if not any(b in row for path in files for row in _iter_rows(path))]
+    present = {n for row in _all_rows(out_dir) for n in row} if bases else set()
+    absent = [b for b in bases if b not in present]
     if absent:
         raise ValueError(f"--rewards {','.join(names)}: NAME@FIELD shares the bins of the plain NAME column, and "
                          f"{out_dir} has no {', '.join(absent)} scores: add {','.join(absent)} to --rewards")
@@ -1997,33 +1880,25 @@ def _directory_lock(out_dir: Path, rank: int, world_size: int):
             lock.close()  # closing releases the lock
 
 
-def _annotate_locked(source, rewards, out_dir: Path, batch_size, device, num_bins, binning, reward_options, rank,
-                     world_size, num_workers, verbose, cpu_threads):
-    part = out_dir / f"annotations.rank{rank}.jsonl"
+def _append_scores(part: Path, passes):
+    """Append (name, keys, scores) batches to this rank's part file, flushed and fsynced per batch. The file is
+    created with its first row: a run with nothing to score leaves no empty part behind."""
     _cut_torn_tail(part)
-    skipped: dict[str, str] = {}
-    threads = cpu_threads if torch.device(device).type == "cpu" else None
-    f = None  # the part file is created with its first row: a run with nothing to score leaves no empty part behind
+    f = None
     try:
-        with _torch_threads(threads):
-            for name, keys, scores in _reward_passes(source, rewards, skipped, partial(_scored_keys, out_dir), rank,
-                                                     world_size, batch_size, device, reward_options, num_workers,
-                                                     verbose):
-                f = f or open(part, "a")
-                f.write("".join(json.dumps({"key": k, name: _json_score(s)}) + "\n" for k, s in zip(keys, scores)))
-                f.flush()
-                os.fsync(f.fileno())
+        for name, keys, scores in passes:
+            f = f or open(part, "a")
+            f.write("".join(json.dumps({"key": k, name: _json_score(s)}) + "\n" for k, s in zip(keys, scores)))
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         if f is not None:
             f.close()
 
-    if world_size > 1:  # every rank has finished scoring once this gather returns
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, skipped)
-        skipped = {k: v for s in gathered for k, v in s.items()}
-    if rank != 0:
-        _barrier(world_size)  # wait for rank 0's merge
-        return None
+
+def _merge_and_fit(out_dir: Path, skipped: dict, num_bins: int, binning: str, verbose: bool) -> dict:
+    """Rank 0, after every rank has scored: merge the part files, fit bins.json, write summary.json; returns the
+    table {key: {name: score}} (NaN for a failed score)."""
     table, duplicated = _merge_parts(out_dir)
     if duplicated:
         skipped.update(dict.fromkeys(duplicated, "duplicate"))
@@ -2041,19 +1916,16 @@ def _annotate_locked(source, rewards, out_dir: Path, batch_size, device, num_bin
         print(format_summary(summary["rewards"]))
         for reason, n in summary["skipped"].items():
             print(f"skipped {n} record(s): {reason}")
-    _barrier(world_size)
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring a folder of generated images (evaluation, best-of-N).
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 def _image_files(folder: Path) -> list[Path]:
-    """PNG/JPG files of a folder in natural order ("img9.png" before "img10.png"; zero-padded names sort the same)."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    """The images (data.IMAGE_EXTENSIONS) of a folder in natural order ("img9.png" before "img10.png"; zero-padded
+    names sort the same)."""
+    files = [p for p in folder.iterdir() if p.suffix[1:].lower() in data.IMAGE_EXTENSIONS] if folder.is_dir() else []
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
@@ -2084,14 +1956,14 @@ def image_prompt_pairs(images_dir, prompts_file=None) -> list[tuple[Path, str]]:
             prompt = _read_prompts(d / "metadata.jsonl")[0]
             images = _image_files(d / "samples")
             if not images:
-                raise ValueError(f"{d / 'samples'} has no PNG/JPG images")
+                raise ValueError(f"{d / 'samples'} has no images")
             pairs += [(p, prompt) for p in images]
         return pairs
     if prompts_file is None:
         raise ValueError("--prompts is required unless --images has GenEval's layout (NNNNN/metadata.jsonl)")
     images, prompts = _image_files(images_dir), _read_prompts(Path(prompts_file))
     if not images or len(images) != len(prompts):
-        raise ValueError(f"{len(images)} PNG/JPG images in {images_dir} but {len(prompts)} prompts in {prompts_file} "
+        raise ValueError(f"{len(images)} image(s) in {images_dir} but {len(prompts)} prompts in {prompts_file} "
                          f"(image i in sorted order goes with prompt i)")
     return list(zip(images, prompts))
 
@@ -2191,9 +2063,9 @@ def parse_args(argv=None):
                    help="equal-population (quantile) or equal-width (uniform) bins")
     s = sub.add_parser("score", parents=[common],
                        help="score a folder of generated images against their prompts",
-                       description="Score generated images: a folder of PNG/JPG paired in sorted order with --prompts "
-                                   "(one per line, or JSONL with \"prompt\"), or GenEval's layout NNNNN/samples/*.png "
-                                   "with NNNNN/metadata.jsonl. Prints each reward's mean, writes one row per image.")
+                       description="Score generated images: a folder of images (PNG, JPEG, WebP) paired in sorted "
+                                   "order with --prompts (one per line, or JSONL with \"prompt\"), or GenEval's layout "
+                                   "NNNNN/samples/*.png with NNNNN/metadata.jsonl. Prints each reward's mean, writes one row per image.")
     s.add_argument("--images", required=True, help="folder of generated images")
     s.add_argument("--prompts", default=None, help="prompts file (not needed for GenEval's layout)")
     s.add_argument("--out", default=None, help="output JSONL, one row per image (default: IMAGES/scores.jsonl)")
@@ -2281,22 +2153,9 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
-def _init_distributed(device: str):
-    """(rank, world_size, device) under torchrun (gloo on CPU, nccl on CUDA, device cuda:LOCAL_RANK), else (0, 1,
-    device): a plain single process."""
-    device = torch.device(device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # ranks that finish early wait at the final gather for the slowest one: hours, not the default minutes
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def run_annotate(args):
-    rank, world_size, device = _init_distributed(args.device)
+    # ranks that finish early wait at the final gather for the slowest one: hours, not the default minutes
+    rank, world_size, device = data.init_distributed(args.device, timeout=timedelta(hours=12))
     try:
         data_path = Path(args.data) if args.data else data.WorldConfig().default_dir()
         if args.data is None and rank == 0:

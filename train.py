@@ -167,6 +167,19 @@ def mfu_percent(flops_per_image, images_per_s, peak):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line.
 
+CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins", "train")
+NEW_RUN = {"preset": "cpu", "seed": 0, "num_train": 20000, "data_seed": 0, "min_image_size": 0,
+           "synthetic_caption_prob": 0.0, "missing_rewards": "skip"}  # defaults of the run-defining flags
+RUN_PATHS = ("data", "data_dir", "annotations")  # where the run's data lives: a resumed run may be pointed elsewhere
+RESUME_MAY_CHANGE = ("steps", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep_every", "on_nan",
+                     "max_nan_skips", "cfg")  # TrainConfig fields a resumed run takes from the command line
+
+
+def asked_reward_names(args):
+    """The rewards the flags ask for: () for --no-rewards, else --rewards split at commas."""
+    return () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring for launch lines.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model + optimisation preset (default cpu)")
@@ -269,7 +282,7 @@ def parse_args(argv=None):
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     if args.rewards is None:
         args.rewards = ",".join(PRESETS["paper"].reward_names if args.preset == "paper" else rewards.BUILTIN_REWARDS)
-    args.reward_names = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
+    args.reward_names = asked_reward_names(args)
     if len(set(args.reward_names)) < len(args.reward_names):
         p.error(f"--rewards names a reward twice: {args.rewards}")
     unknown = [r for r in args.reward_names if r not in rewards.REWARDS]
@@ -282,14 +295,6 @@ def parse_args(argv=None):
         train_cfg.text_dropout = 0.1  # the baseline guides with an empty prompt, so it must see some
     args.name = args.name or ("baseline" if args.no_rewards else "miro")
     return p, args, train_cfg
-
-
-CHECKPOINT_KEYS = ("config", "tokenizer", "model", "ema", "optimizer", "scheduler", "step", "bins", "train")
-NEW_RUN = {"preset": "cpu", "seed": 0, "num_train": 20000, "data_seed": 0, "min_image_size": 0,
-           "synthetic_caption_prob": 0.0, "missing_rewards": "skip"}  # defaults of the run-defining flags
-RUN_PATHS = ("data", "data_dir", "annotations")  # where the run's data lives: a resumed run may be pointed elsewhere
-RESUME_MAY_CHANGE = ("steps", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep_every", "on_nan",
-                     "max_nan_skips", "cfg")  # TrainConfig fields a resumed run takes from the command line
 
 
 def _flag_value(value):
@@ -312,7 +317,7 @@ def resumed_settings(ckpt, args):
     saved = {**run, "rewards": tuple(ckpt["config"]["reward_names"])}
     asked = {name: getattr(args, name) for name in NEW_RUN}
     if args.rewards is not None or args.no_rewards:
-        asked["rewards"] = () if args.no_rewards else tuple(r for r in args.rewards.split(",") if r)
+        asked["rewards"] = asked_reward_names(args)
     if args.data is not None and run["data"] is None:
         asked["data"] = args.data  # the built-in world's run on a real dataset: a new run
     conflicts = [f"--{name.replace('_', '-')} {value} (the run's: {getattr(trained, name)})"
@@ -488,40 +493,17 @@ def bins_mismatch(bins, path):
     return [n for n in bins.names if edges.get(n) != bins.to_dict()["edges"][n]]
 
 
-def rank_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> tuple[str, str]:
-    """(this rank's device, its process-group backend) for --device (train.py, evaluate.py): "cuda" is the rank's
-    own GPU, cuda:LOCAL_RANK, with NCCL (which needs one GPU per rank); any other device uses gloo."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type != "cuda":
-        return str(dev), "gloo"
-    if dev.index is not None and local_world_size > 1:
-        raise ValueError(f"--device {device} would put all {local_world_size} ranks on one GPU: use --device cuda "
-                         f"(rank r takes cuda:r)")
-    return f"cuda:{local_rank if dev.index is None else dev.index}", "nccl"
-
-
 def main(argv=None):
     parser, args, tc = parse_args(argv)
     wall_start = time.time()
 
     # --- distributed setup: one process per device; a plain process when not launched by torchrun ---
-    distributed = "RANK" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     try:
-        device, backend = rank_device(args.device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        rank, world_size, device = data.init_distributed(args.device)
     except ValueError as e:
         parser.error(str(e))
-    device = torch.device(device)
-    if distributed:
-        dist.init_process_group(backend)
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world_size = 0, 1
+    distributed = "RANK" in os.environ
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
@@ -561,6 +543,8 @@ def main(argv=None):
                              f"{latest.name} aside first")
     else:
         run_dir = Path(args.runs_dir or "runs") / args.name
+        if (run_dir / "ckpt.pt").exists():  # before the slow parts: kernels, frozen encoders
+            parser.error(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or give another --name")
     micro_batches = world_size * tc.grad_accum
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
@@ -587,8 +571,6 @@ def main(argv=None):
             model_cfg = resume_config(resume_ckpt, model_cfg, args.preset)
         except ValueError as e:
             parser.error(f"--resume {resume_path}: {e}")
-    if resume_ckpt is None and (run_dir / "ckpt.pt").exists():
-        parser.error(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or give another --name")
     try:
         if rank == 0:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -612,7 +594,7 @@ def main(argv=None):
         parser.error(f"cannot prepare the data: {e}")
     tokenizer = WordTokenizer(data.vocabulary(), model_cfg.max_text_len)  # kept in checkpoints either way
     if text_encoder is None:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.words) + 2)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
     try:
         inputs = ModelInputs(tokenizer, text_encoder, vae, device, args.seed, args.text_cache, args.latent_cache,
                              pixel_size, args.min_image_size, data.dataset_identity(data_dir))
@@ -628,7 +610,7 @@ def main(argv=None):
     # --- data: reward scores -> bin values in [0, 1] ---
     reward_values, bins = None, None
     if model_cfg.reward_names and args.data is None:
-        annotations = rewards.load_annotations(data_dir / "annotations.jsonl")
+        annotations = rewards.load_annotations(data_dir / rewards.ANNOTATIONS)
         unscored = [n for n in model_cfg.reward_names if not any(n in s for s in annotations.values())]
         if unscored:  # a registry reward beyond the built-in ones (e.g. a learned one) is annotated separately
             parser.error(f"no {', '.join(unscored)} scores in {data_dir / 'annotations.jsonl'}: add them with "

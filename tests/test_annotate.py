@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import rewards
+import tiny_rewards
 from rewards import RewardBins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +24,9 @@ N = 64  # samples of the test world
 
 
 def probe_score(images, captions) -> torch.Tensor:
-    """The test reward's value: mean brightness + len(caption) / 100; NaN (a failed score) if the caption says "nan"."""
-    return torch.tensor([float("nan") if "nan" in c else x.mean().item() + len(c) / 100
+    """The test reward's value: mean brightness + len(caption) / 100; NaN (a failed score) if the caption says "nan",
+    inf (a broken one) if it says "inf"."""
+    return torch.tensor([float("nan") if "nan" in c else float("inf") if "inf" in c else x.mean().item() + len(c) / 100
                          for x, c in zip(images, captions)])
 
 
@@ -81,14 +83,14 @@ class ListSource:
 
 
 def mixed_records():
-    """Images of two sizes, some with a short or a synthetic caption, one whose probe score fails (NaN), three
-    unusable."""
+    """Images of two sizes, some with a short or a synthetic caption, one whose probe score fails (NaN), one whose
+    probe score is infinite, three unusable."""
     rng = np.random.default_rng(0)
     records = []
     for i in range(12):
         size = (16, 16) if i % 3 else (24, 20)
         image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-        captions = {"caption": f"a long caption number {i}" + (" nan" if i == 4 else "")}
+        captions = {"caption": f"a long caption number {i}" + {4: " nan", 8: " inf"}.get(i, "")}
         if i % 2:
             captions["short_caption"] = f"short {i}"
         if i % 4 == 0:
@@ -110,6 +112,7 @@ def test_scores_captions_sizes_unusable_records_and_summary(tmp_path, probe):
     for r in usable:
         caption = r.captions.get("short_caption", r.captions["caption"])  # probe reads short_caption if present
         expected = probe_score([image_tensor(r.image)], [caption]).item()
+        expected = expected if np.isfinite(expected) else np.nan  # an infinite score counts as failed
         if "synthetic_caption" in r.captions:  # "name@field": the reward on that caption, where a record has it
             synthetic = probe_score([image_tensor(r.image)], [r.captions["synthetic_caption"]]).item()
             np.testing.assert_allclose(table[r.key]["probe@synthetic_caption"], synthetic, rtol=1e-6)
@@ -118,14 +121,15 @@ def test_scores_captions_sizes_unusable_records_and_summary(tmp_path, probe):
         contrast = rewards.contrast_score(image_tensor(r.image)[None]).item()  # one image alone, not in a batch
         np.testing.assert_allclose(table[r.key]["probe"], expected, rtol=1e-6)  # NaN == NaN here
         assert table[r.key]["contrast"] == pytest.approx(contrast, abs=1e-6)
-    assert np.isnan(table["r04"]["probe"]) and rows(tmp_path / "annotations.jsonl")[4]["probe"] is None
+    for i in (4, 8):  # failed and infinite scores: null in strict JSON, NaN in the table, bin 0 for training
+        assert np.isnan(table[f"r{i:02d}"]["probe"]) and rows(tmp_path / "annotations.jsonl")[i]["probe"] is None
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["samples"] == 12 and summary["skipped"] == {"unreadable image": 2, "too small": 1}
     probe_stats = summary["rewards"]["probe"]
     x = np.array([v["probe"] for v in table.values()])
     x = x[np.isfinite(x)]
-    assert (probe_stats["count"], probe_stats["nan"], probe_stats["missing"]) == (11, 1, 0)
+    assert (probe_stats["count"], probe_stats["nan"], probe_stats["missing"]) == (10, 2, 0)
     assert probe_stats["mean"] == pytest.approx(x.mean()) and probe_stats["std"] == pytest.approx(x.std())
     assert probe_stats["p50"] == pytest.approx(np.median(x)) and probe_stats["p5"] == pytest.approx(np.percentile(x, 5))
     assert probe_stats["min"] == pytest.approx(x.min()) and probe_stats["max"] == pytest.approx(x.max())
@@ -397,7 +401,7 @@ def test_torchrun_two_ranks_give_the_single_process_table(tmp_path, world):
 def test_torchrun_with_tiny_real_rewards_gives_the_single_process_table(tmp_path, world):
     """The built-in rewards plus tiny random versions of all seven paper rewards (in their original file layouts,
     through their real loaders): one process and two ranks write the same table."""
-    options = {**rewards.tiny_clip_family(tmp_path / "clip"), **rewards.tiny_blip_t5(tmp_path / "blip")}
+    options = {**tiny_rewards.tiny_clip_family(tmp_path / "clip"), **tiny_rewards.tiny_blip_t5(tmp_path / "blip")}
     names = list(rewards.BUILTIN_REWARDS) + sorted(options)
     assert {"clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqascore", "sciscore"} <= set(names)
     flags = ["annotate", "--data", str(world), "--rewards", ",".join(names), "--batch-size", "16",
@@ -498,7 +502,7 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
         "cannot write to": ["annotate", "--data", str(world), "--out", str(tmp_path / "file" / "sub")],
         "could be scored": ["annotate", "--data", str(images), "--out", str(tmp_path / "none"), "--rewards",
                             "contrast"],  # its one image has no caption
-        "1 PNG/JPG images in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
+        "1 image(s) in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
         "is not a folder": ["score", "--images", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "two.txt")],
     }
     for message, argv in cases.items():

@@ -231,7 +231,7 @@ def test_render_is_antialiased_and_scales():
     img = data.render_scene(scene, 32, np.random.default_rng(0))
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 5  # partial-coverage edge pixels exist
     big_scene = [{**o, "box": [2 * v for v in o["box"]]} for o in scene]
-    big = data.render_scene(big_scene, data.WorldConfig(image_size=64))  # the default rng: seed 0 too
+    big = data.render_scene(big_scene, 64)  # the default rng: seed 0 too
     assert img.shape == (32, 32, 3) and big.shape == (64, 64, 3)
     pooled = big.astype(float).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))  # 2x2 average pooling
     err = float(np.abs(pooled - img).mean())

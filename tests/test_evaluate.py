@@ -655,9 +655,9 @@ def test_convergence_and_usage_refuse_torchrun(command, tmp_path, monkeypatch, c
     and write into the same folder). Refused before joining the process group."""
     monkeypatch.setenv("WORLD_SIZE", "2")
 
-    def joined(device):
+    def joined(device, timeout=None):
         raise AssertionError("joined the process group")
-    monkeypatch.setattr(evaluate, "init_distributed", joined)
+    monkeypatch.setattr(evaluate.data, "init_distributed", joined)
     with pytest.raises(SystemExit) as exit_:
         evaluate.main([command, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch
 import data
 import evaluate
 import rewards
+import tiny_rewards
 from rewards import check_clauses, geneval_correct
 
 GENEVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "geneval"
@@ -187,7 +188,7 @@ def tiny_dirs(tmp_path_factory):
     model.save_pretrained(root / "mask2former")
     torch.save(model.state_dict(), root / "reference.pt")
     Mask2FormerImageProcessor().save_pretrained(root / "mask2former")
-    clip, tokenizer = rewards.tiny_hf_clip()
+    clip, tokenizer = tiny_rewards.tiny_hf_clip()
     clip.save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
     return root

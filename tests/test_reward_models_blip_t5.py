@@ -1,5 +1,5 @@
 """ImageReward and VQAScore (rewards.py): tiny random models of the real classes, written in the authors' original
-file layouts by rewards.tiny_blip_t5, loaded back through the real loaders. Offline (HF_HUB_OFFLINE=1).
+file layouts by tiny_rewards.tiny_blip_t5, loaded back through the real loaders. Offline (HF_HUB_OFFLINE=1).
 
 The tokenizers are built offline: a BERT WordPiece vocab.txt folder (the bert-base-uncased layout) and a T5 unigram
 tokenizer.json made from a hand-written piece list (transformers' tokenizers backend; no sentencepiece needed).
@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import rewards
+import tiny_rewards
 
 CAPTIONS = ["a red cat", "two blue squares on the left of a big dog and a small green circle", "photo"]
 
@@ -36,7 +37,7 @@ def monkeypatch_module():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
-    return rewards.tiny_blip_t5(tmp_path_factory.mktemp("blip_t5"))
+    return tiny_rewards.tiny_blip_t5(tmp_path_factory.mktemp("blip_t5"))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def imagereward_reference(sd: dict, pixels, ids, mask, vit_heads: int, bert_head
 
 
 def test_imagereward_remap_is_a_bijection_on_the_original_keys(tiny):
-    med, vit = rewards.TINY_MED_CONFIG, rewards.TINY_BLIP_VISION
+    med, vit = tiny_rewards.TINY_MED_CONFIG, tiny_rewards.TINY_BLIP_VISION
     original = imagereward_original_keys(vit["num_hidden_layers"], med["num_hidden_layers"])
     with torch.device("meta"):
         model = rewards.ImageRewardModel(*rewards.imagereward_configs(med, vit))
@@ -180,7 +181,7 @@ def test_imagereward_equals_the_original_computation(tiny, images):
     tok = rewards.imagereward_tokenizer(o["tokenizer"])
     t = tok(CAPTIONS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     pixels = clip_normalize(rewards.resize_center_crop(images, 224))  # Resize(224, bicubic) + CenterCrop(224)
-    heads = (rewards.TINY_BLIP_VISION["num_attention_heads"], rewards.TINY_MED_CONFIG["num_attention_heads"])
+    heads = (tiny_rewards.TINY_BLIP_VISION["num_attention_heads"], tiny_rewards.TINY_MED_CONFIG["num_attention_heads"])
     raw = imagereward_reference(sd, pixels, t["input_ids"], t["attention_mask"], *heads)
     stored = reward(images, CAPTIONS)
     assert stored.dtype == torch.float32 and stored.shape == (3,)
@@ -216,7 +217,7 @@ def test_imagereward_pairs_image_i_with_caption_i(tiny, images):
 
 def test_imagereward_loading_is_strict(tiny, tmp_path):
     o = tiny["imagereward"]
-    med, vit = rewards.TINY_MED_CONFIG, rewards.TINY_BLIP_VISION
+    med, vit = tiny_rewards.TINY_MED_CONFIG, tiny_rewards.TINY_BLIP_VISION
     sd = torch.load(o["checkpoint"], weights_only=True)
     cases = {"missing": {k: v for k, v in sd.items() if k != "blip.visual_encoder.blocks.1.attn.qkv.bias"},
              "extra": {**sd, "blip.text_decoder.cls.predictions.bias": torch.zeros(3)},

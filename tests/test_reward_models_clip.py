@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rewards
+import tiny_rewards
 
 REAL_AESTHETIC_HEAD = (Path(__file__).resolve().parents[2] / "shared" / "weights" / "laion-aesthetic"
                        / "sac+logos+ava1-l14-linearMSE.pth")  # ../shared beside the repo (read-only)
@@ -41,8 +42,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def family_options(tmp_path_factory):
-    """rewards.tiny_clip_family: every reward's tiny checkpoint on disk, in its original layout."""
-    return rewards.tiny_clip_family(tmp_path_factory.mktemp("family"))
+    """tiny_rewards.tiny_clip_family: every reward's tiny checkpoint on disk, in its original layout."""
+    return tiny_rewards.tiny_clip_family(tmp_path_factory.mktemp("family"))
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_clip_and_aesthetic_use_quick_gelu_hpsv2_plain_gelu(family):
 
 
 def _tiny_hf_folder(folder, logit_scale=30.0):
-    model, tokenizer = rewards.tiny_hf_clip()
+    model, tokenizer = tiny_rewards.tiny_hf_clip()
     with torch.no_grad():
         model.logit_scale.fill_(torch.log(torch.tensor(logit_scale)))  # not CLIP's 1/0.07, so the scale is checked
     model.save_pretrained(folder)  # the hub layout: config.json + model.safetensors (+ tokenizer files)
@@ -221,7 +222,7 @@ def test_hf_clip_rewards_round_trip_and_stored_values(name, tmp_path, images):
 
 
 def test_hf_tokenizer_built_offline_matches_open_clip_bpe():
-    _, tokenizer = rewards.tiny_hf_clip()
+    _, tokenizer = tiny_rewards.tiny_hf_clip()
     ids = tokenizer(CAPTIONS + ["word " * 100], padding="max_length", truncation=True, max_length=77,
                     return_tensors="pt")["input_ids"]
     ref = open_clip.tokenizer.SimpleTokenizer()(CAPTIONS + ["word " * 100])

@@ -226,7 +226,10 @@ def test_reward_options_are_checked_when_parsed():
            "hpsv2.version=3": "hpsv2: version must be 2.1 or 2.0, got '3'",
            "clip.precision=fp16": "clip: precision must be bf16 or fp32, got 'fp16'",
            "shapes_clip.ckpt=x": "shapes_clip: unknown option(s) ckpt; known: checkpoint",
-           "alignment.size=3": "reward 'alignment' does not take ['size']"}
+           "alignment.size=3": "reward 'alignment' does not take ['size']",
+           # Reward's own constructor arguments are not options (ragged="0" is a true string)
+           "alignment.ragged=0": "reward 'alignment' does not take ['ragged']",
+           "alignment.caption_field=synthetic_caption": "reward 'alignment' does not take ['caption_field']"}
     for spec, message in bad.items():
         with pytest.raises(ValueError) as e:
             rewards.parse_reward_options([spec], names)
