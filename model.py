@@ -418,7 +418,7 @@ class MIRO(nn.Module):
         QK^T and AV) at 2 FLOPs per multiply-add, over a condition of M = registers + rewards + text_len tokens
         (default max_text_len, the padded condition; train.py trims frozen-encoder batches to their longest caption);
         norms, softmax and elementwise ops are not counted. A training step is ~3x this, and MFU = 3 *
-        flops_per_image * images/s / peak FLOP/s (engineering.md's accounting, counted exactly)."""
+        flops_per_image * images/s / peak FLOP/s."""
         cfg = self.cfg
         L = cfg.max_text_len if text_len is None else text_len
         N, M = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_registers + len(cfg.reward_names) + L
@@ -701,9 +701,9 @@ def trim_padding(features, mask):
     return features[:, :length], mask[:, :length]
 
 
-# SDXL VAE latents. The one definition of the latent normalisation (method.md; per channel, measured on SDXL VAE
-# latents): z_n = (z - LATENT_MEAN) / LATENT_STD * LATENT_SCALE, so every channel has mean 0 and std 0.5; z is a
-# SAMPLE of the posterior N(mean, std^2). diffusers' single `scaling_factor` (0.13025) is not used.
+# SDXL VAE latents. The one definition of the latent normalisation (the paper's constants, per channel, measured
+# on SDXL VAE latents): z_n = (z - LATENT_MEAN) / LATENT_STD * LATENT_SCALE, so every channel has mean 0 and std
+# 0.5; z is a SAMPLE of the posterior N(mean, std^2). diffusers' single `scaling_factor` (0.13025) is not used.
 LATENT_MEAN = (-0.3480, 0.3754, 0.0419, 2.4331)
 LATENT_STD = (7.8518, 5.8465, 6.8716, 5.3140)
 LATENT_SCALE = 0.5
@@ -735,9 +735,6 @@ class SDXLVAE:
         self.factor = 2 ** (len(model.config.block_out_channels) - 1)  # 8 for SDXL
         self.latent_channels = len(LATENT_MEAN)  # 4, checked against the model's above
         self.name = f"sdxl-vae:{source}" + (f"/{subfolder}" if subfolder else "")
-
-    def latent_shape(self, image_size):
-        return (self.latent_channels, image_size // self.factor, image_size // self.factor)
 
     @staticmethod
     def normalize(z):
@@ -903,7 +900,7 @@ class CacheMiss(KeyError):
 
 
 class ArrayCache:
-    """Reads a cache folder: .meta, len(), key in cache, items(keys) -> list of float32 tensors (len_i, ...). At most
+    """Reads a cache folder: .meta, len(), items(keys) -> list of float32 tensors (len_i, ...). At most
     MAX_OPEN chunk files are held open (memory-mapped) per process, the least recently used closed first: a 16M-image
     cache has thousands of chunks, more than the kernel's map count allows."""
     MAX_OPEN = 256
@@ -933,9 +930,6 @@ class ArrayCache:
         if i == len(self.index) or self.index["key"][i] != k:
             return None
         return int(self.index["chunk"][i]), int(self.index["row"][i])
-
-    def __contains__(self, key):
-        return self._find(key) is not None
 
     def items(self, keys):
         from safetensors import safe_open
