@@ -459,6 +459,29 @@ def prepare_builtin_data(args, image_size, rank):
     return world, data_dir, data.ImageTextSamples(data_dir)
 
 
+def builtin_rewards(args, data_dir, samples, reward_names, resume_bins, log):
+    """The built-in world's reward values (N, R) in [0, 1] and their bins: fitted for a new run, the checkpoint's
+    when resuming (so sampling targets keep their meaning)."""
+    annotations = rewards.load_annotations(data_dir / rewards.ANNOTATIONS)
+    unscored = [n for n in reward_names if not any(n in s for s in annotations.values())]
+    if unscored:  # a registry reward beyond the built-in ones (e.g. a learned one) is annotated separately
+        raise ValueError(f"no {', '.join(unscored)} scores in {data_dir / rewards.ANNOTATIONS}: add them with "
+                         f"python rewards.py annotate --data-dir {data_dir} --rewards {','.join(unscored)} ...")
+    scores = data.sample_scores(annotations, samples.keys, reward_names)
+    if resume_bins is not None:
+        bins = rewards.RewardBins.from_dict(resume_bins)
+        differ = bins_mismatch(bins, data_dir / "bins.json")
+        if differ:
+            log(f"warning: {data_dir / 'bins.json'} has other bin edges for {differ} than the checkpoint; "
+                "the run keeps the checkpoint's, so reward values keep their meaning")
+    else:
+        try:
+            bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning, seed=args.data_seed)
+        except ValueError as e:
+            raise ValueError(f"cannot fit the reward bins: {e}") from None
+    return bins.values(scores), bins
+
+
 def resume_config(ckpt, wanted, preset):
     """The model config of a checkpoint to resume, checked against `wanted` (what --preset and --rewards ask
     for); ValueError says what differs and which preset would match (vocab_size is exempt: the tokenizer sets it)."""
@@ -610,25 +633,11 @@ def main(argv=None):
     # --- data: reward scores -> bin values in [0, 1] ---
     reward_values, bins = None, None
     if model_cfg.reward_names and args.data is None:
-        annotations = rewards.load_annotations(data_dir / rewards.ANNOTATIONS)
-        unscored = [n for n in model_cfg.reward_names if not any(n in s for s in annotations.values())]
-        if unscored:  # a registry reward beyond the built-in ones (e.g. a learned one) is annotated separately
-            parser.error(f"no {', '.join(unscored)} scores in {data_dir / 'annotations.jsonl'}: add them with "
-                         f"python rewards.py annotate --data-dir {data_dir} --rewards {','.join(unscored)} ...")
-        scores = data.sample_scores(annotations, samples.keys, model_cfg.reward_names)
-        if resume_ckpt is not None:  # the run keeps its bin edges, so sampling targets keep their meaning
-            bins = rewards.RewardBins.from_dict(resume_ckpt["bins"])
-            differ = bins_mismatch(bins, data_dir / "bins.json")
-            if differ:
-                log(f"warning: {data_dir / 'bins.json'} has other bin edges for {differ} than the checkpoint; "
-                    "the run keeps the checkpoint's, so reward values keep their meaning")
-        else:
-            try:
-                bins = rewards.RewardBins.fit(scores, num_bins=args.num_bins, method=args.binning,
-                                              seed=args.data_seed)
-            except ValueError as e:
-                parser.error(f"cannot fit the reward bins: {e}")
-        reward_values = bins.values(scores)
+        try:
+            reward_values, bins = builtin_rewards(args, data_dir, samples, model_cfg.reward_names,
+                                                  resume_ckpt["bins"] if resume_ckpt is not None else None, log)
+        except ValueError as e:
+            parser.error(str(e))
     if args.data is None:
         dataset = data.MiroDataset(samples, reward_values)
         if len(dataset) < tc.batch_size:
