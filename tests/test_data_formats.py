@@ -536,7 +536,7 @@ def test_training_steps_with_frozen_clip_text_and_sdxl_vae(datasets, annotation_
     from model import ModelConfig, load_checkpoint
     options = [f for k, v in clip_files.items() for f in ("--text-encoder-option", f"{k}={v}")]
     train.main(real_train_args(tmp_path, datasets["shard_pattern"], annotation_file, "--text-encoder", "clip",
-                               *options, "--vae", "sdxl", "--vae-option", f"source={vae_dir}"))
+                               *options, "--vae", "sdxl", "--vae-option", f"source={vae_dir}", "--data-workers", "2"))
     ckpt = load_checkpoint(tmp_path / "miro" / "ckpt.pt")
     cfg = ModelConfig(**ckpt["config"])
     assert ckpt["step"] == 3 and (cfg.in_channels, cfg.vocab_size, cfg.text_dim, cfg.max_text_len) == (4, 0, 24, 77)
