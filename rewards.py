@@ -1452,7 +1452,8 @@ class RewardBins:
 # Annotation: a one-off, resumable pass over a dataset, one reward model at a time, optionally over many ranks.
 #
 # out_dir holds
-#   annotations.jsonl          the table: one row {"key": ..., name: score, ...} per sample, keys sorted, NaN -> null
+#   annotations.jsonl          the table: one row {"key": ..., name: score, ...} per sample, keys and columns
+#                              sorted (whatever the run history), NaN -> null
 #   annotations.rank{r}.jsonl  what rank r scored since the last merge: one row {"key": ..., name: score} per pair,
 #                              appended, flushed and fsynced per batch (a crash loses at most the batch in flight)
 #   bins.json, summary.json    fitted / computed on the merged table at the end of every run
@@ -1562,6 +1563,12 @@ def _scored_keys(out_dir: Path, name: str) -> set[str]:
     return {row["key"] for row in _all_rows(out_dir) if name in row}
 
 
+def _column_order(columns) -> list[str]:
+    """Annotation columns in one order whatever the run's history (which rank or run scored a reward first): by
+    reward name, each plain NAME before its NAME@FIELD columns."""
+    return sorted(set(columns), key=lambda c: c.partition("@")[::2])
+
+
 def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> tuple[dict[str, dict], list[str]]:
     """Fold every part file into annotations.jsonl, without the columns named in `drop`; returns the merged table
     {key: {name: score or None}}, sorted, and the keys that the part files score twice for one reward.
@@ -1588,7 +1595,7 @@ def _merge_parts(out_dir: Path, drop: Sequence[str] = ()) -> tuple[dict[str, dic
         raw.setdefault(key, {}).update(scores)
     table = {k: {n: v for n, v in raw[k].items() if n not in drop} for k in sorted(raw)}  # same for any world size
     if parts or any(n in drop for scores in raw.values() for n in scores):
-        names = list(dict.fromkeys(n for scores in table.values() for n in scores))
+        names = _column_order(n for scores in table.values() for n in scores)
 
         def write(f):
             for key, scores in table.items():
@@ -1904,12 +1911,13 @@ def _merge_and_fit(out_dir: Path, skipped: dict, num_bins: int, binning: str, ve
         skipped.update(dict.fromkeys(duplicated, "duplicate"))
         print(f"warning: {len(duplicated)} key(s) of the dataset name two records each (first: {duplicated[0]}); "
               f"annotations join by key, so each keeps one record's scores: give every sample its own key", flush=True)
-    result, columns = _with_nan(table), list(dict.fromkeys(n for scores in table.values() for n in scores))
+    result, columns = _with_nan(table), _column_order(n for scores in table.values() for n in scores)
     names = list(dict.fromkeys(c.partition("@")[0] for c in columns))
     if names:  # "name" and "name@field" columns share one set of bins, as data.RewardTable reads them
         scores = data.annotation_scores(data.annotation_columns(result)[1], names)
         RewardBins.fit(scores, num_bins=num_bins, method=binning).save(out_dir / "bins.json")
-    summary = {"samples": len(table), "skipped": dict(Counter(skipped.values()).most_common()),
+    reasons = sorted(Counter(skipped.values()).items(), key=lambda kv: (-kv[1], kv[0]))  # most common first
+    summary = {"samples": len(table), "skipped": dict(reasons),
                "rewards": summarize(table, columns)}
     data._atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     if verbose:
@@ -2065,7 +2073,8 @@ def parse_args(argv=None):
                        help="score a folder of generated images against their prompts",
                        description="Score generated images: a folder of images (PNG, JPEG, WebP) paired in sorted "
                                    "order with --prompts (one per line, or JSONL with \"prompt\"), or GenEval's layout "
-                                   "NNNNN/samples/*.png with NNNNN/metadata.jsonl. Prints each reward's mean, writes one row per image.")
+                                   "NNNNN/samples/*.png with NNNNN/metadata.jsonl. Prints each reward's mean, writes "
+                                   "one row per image.")
     s.add_argument("--images", required=True, help="folder of generated images")
     s.add_argument("--prompts", default=None, help="prompts file (not needed for GenEval's layout)")
     s.add_argument("--out", default=None, help="output JSONL, one row per image (default: IMAGES/scores.jsonl)")

@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -516,13 +517,19 @@ def bins_mismatch(bins, path):
     return [n for n in bins.names if edges.get(n) != bins.to_dict()["edges"][n]]
 
 
+# The process group's timeout. Rank 0 alone builds and annotates the built-in world (waiting for another run's
+# annotation lock, if any) and the others wait at a barrier, and a cold node may first download the frozen
+# encoders: minutes that the defaults (10 min on NCCL) would turn into a dead job.
+SETUP_TIMEOUT = timedelta(hours=1)
+
+
 def main(argv=None):
     parser, args, tc = parse_args(argv)
     wall_start = time.time()
 
     # --- distributed setup: one process per device; a plain process when not launched by torchrun ---
     try:
-        rank, world_size, device = data.init_distributed(args.device)
+        rank, world_size, device = data.init_distributed(args.device, timeout=SETUP_TIMEOUT)
     except ValueError as e:
         parser.error(str(e))
     distributed = "RANK" in os.environ

@@ -134,7 +134,7 @@ def test_scores_captions_sizes_unusable_records_and_summary(tmp_path, probe):
     assert probe_stats["p50"] == pytest.approx(np.median(x)) and probe_stats["p5"] == pytest.approx(np.percentile(x, 5))
     assert probe_stats["min"] == pytest.approx(x.min()) and probe_stats["max"] == pytest.approx(x.max())
     bins = RewardBins.load(tmp_path / "bins.json")
-    assert bins.names == ("probe", "contrast") and bins.values({"probe": [np.nan], "contrast": [9.0]}).tolist() == [[0, 1]]
+    assert bins.names == ("contrast", "probe") and bins.values({"probe": [np.nan], "contrast": [9.0]}).tolist() == [[1, 0]]
     pooled = [v[c] for v in table.values() for c in ("probe", "probe@synthetic_caption") if c in v]
     assert bins.edges["probe"][[0, -1]].tolist() == [np.nanmin(pooled), np.nanmax(pooled)]  # one scale for both
     assert summary["rewards"]["probe@synthetic_caption"]["count"] == 3
@@ -153,9 +153,10 @@ def test_added_reward_scores_only_itself(tmp_path, world, probe):
     assert sum(probe) == N  # probe was not loaded nor called again
     assert all(both[k]["probe"] == first[k]["probe"] and 0 <= both[k]["alignment"] <= 1 for k in first)
     table = rows(tmp_path / "annotations.jsonl")
-    assert len(table) == N and all(list(r) == ["key", "probe", "alignment"] for r in table)  # one merged row per key
-    assert RewardBins.load(tmp_path / "bins.json").names == ("probe", "alignment")
-    assert list(json.loads((tmp_path / "summary.json").read_text())["rewards"]) == ["probe", "alignment"]
+    # one merged row per key; columns by name, whichever run scored them first (the files do not record history)
+    assert len(table) == N and all(list(r) == ["key", "alignment", "probe"] for r in table)
+    assert RewardBins.load(tmp_path / "bins.json").names == ("alignment", "probe")
+    assert list(json.loads((tmp_path / "summary.json").read_text())["rewards"]) == ["alignment", "probe"]
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
 
 

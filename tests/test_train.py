@@ -159,6 +159,21 @@ def test_each_rank_gets_its_own_gpu_and_the_backend_of_its_device():
         data.rank_device("gpu", 0, 1)
 
 
+def test_ranks_join_with_a_timeout_longer_than_rank_0s_setup(tmp_path, monkeypatch):
+    """Rank 0 alone builds and annotates the built-in world while the others wait at a barrier: the process group
+    must outlast that (NCCL's default is 10 min)."""
+    from datetime import timedelta
+    asked = {}
+
+    def joined(device, timeout=None):
+        asked["timeout"] = timeout
+        raise SystemExit(0)
+    monkeypatch.setattr(train.data, "init_distributed", joined)
+    with pytest.raises(SystemExit):
+        train.main(tiny_train_args(tmp_path / "runs"))
+    assert asked["timeout"] is not None and asked["timeout"] >= timedelta(minutes=30)
+
+
 def test_logged_mfu_counts_the_text_tokens_each_batch_ran(tmp_path, monkeypatch):
     """MFU (logged where the GPU's peak is known, here faked) = 3 x the forward FLOPs at the batches' own text
     length x images/s / peak: frozen-encoder batches are trimmed to their longest caption (here: 3 tokens). A fake
