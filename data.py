@@ -531,6 +531,12 @@ def build_shapes_dataset(cfg: WorldConfig, out_dir=None) -> Path:
                              f"or delete this one")
         if found == world and (out / "images.npy").exists() and (out / "samples.jsonl").exists():
             return out
+    elif out.is_dir():  # no world.json: empty, a build cut short, or someone's real data (never written into)
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in ("images.npy", "samples.jsonl") and not p.name.endswith(".tmp"))
+        if foreign:
+            raise ValueError(f"{out} is not a built-in world's folder (it holds {', '.join(foreign[:3])}): real data "
+                             f"is given with --data; the built-in world needs a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").unlink(missing_ok=True)
     images = np.empty((cfg.num_train, cfg.image_size, cfg.image_size, 3), np.uint8)

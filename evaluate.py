@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -657,6 +658,24 @@ class Context:
                                 neg_prompt=getattr(a, "neg_prompt", None))  # convergence has none
 
 
+def not_written_by_geneval(folder: Path) -> list[str]:
+    """What in `folder` is not GenEval's layout as cmd_geneval writes it (NNNNN/metadata.jsonl, NNNNN/samples/
+    XXXX.png, and temporary files of a killed write): it must not be deleted with the rest."""
+    def ours(path: Path, pattern: str) -> bool:
+        return path.name.endswith(".tmp") or re.fullmatch(pattern, path.name) is not None
+    foreign = []
+    for sub in sorted(folder.iterdir()):
+        if not (sub.is_dir() and re.fullmatch(r"\d{5}", sub.name)):
+            foreign.append(str(sub))
+            continue
+        for entry in sorted(sub.iterdir()):
+            if entry.name == "samples" and entry.is_dir():
+                foreign += [str(p) for p in sorted(entry.iterdir()) if not ours(p, r"\d{4}\.png")]
+            elif not ours(entry, r"metadata\.jsonl"):
+                foreign.append(str(entry))
+    return foreign
+
+
 def cmd_geneval(args, ctx):
     """GenEval: 4 images per prompt (the built-in held-out set repeats small tasks to --min-per-task images),
     written in GenEval's folder layout (NNNNN/metadata.jsonl, NNNNN/samples/XXXX.png, replacing what an earlier run
@@ -668,6 +687,10 @@ def cmd_geneval(args, ctx):
     folder = args.out / "geneval"
     if args.rank == 0:
         if folder.exists():
+            foreign = not_written_by_geneval(folder)
+            if foreign:
+                raise ValueError(f"{folder} holds files that evaluate.py geneval did not write ({foreign[0]}), and "
+                                 f"geneval replaces that folder: give another --out")
             shutil.rmtree(folder)  # an earlier run's extra images would be scored by the official evaluator too
         (args.out / "geneval.json").unlink(missing_ok=True)  # its numbers: not those of the images written now
     if dist.is_initialized():

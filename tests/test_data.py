@@ -304,6 +304,15 @@ def test_build_dataset_and_views(tmp_path):
     assert sources == [(samples.keys[i], "caption") for i in data.ShardedSampler(40, 8).batches(0)[0]]
     assert images.shape == (8, 3, 32, 32) and len(captions) == 8 and rw.shape == (8, 3)
 
+    real = tmp_path / "real"  # someone's dataset given as --data-dir by mistake: refused, left as it was
+    real.mkdir()
+    (real / "annotations.jsonl").write_text('{"key": "a", "clip": 0.3}\n')
+    (real / "a.jpg").write_bytes(b"jpeg")
+    with pytest.raises(ValueError, match=r"real/? is not a built-in world's folder \(it holds a.jpg, annotations.jsonl\)"):
+        data.build_shapes_dataset(data.WorldConfig(num_train=12), real)
+    assert sorted(p.name for p in real.iterdir()) == ["a.jpg", "annotations.jsonl"]
+    data.build_shapes_dataset(data.WorldConfig(num_train=12), tmp_path / "new" / "world")  # new folders are fine
+
     with pytest.raises(ValueError, match=r"holds another built-in world \(num_train 40, not 12\)"):
         data.build_shapes_dataset(data.WorldConfig(num_train=12, seed=3), out)  # not rebuilt under its runs
     assert len(data.ImageTextSamples(out)) == 40

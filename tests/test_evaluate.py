@@ -223,6 +223,27 @@ def run_eval(*args, nproc=1):
                           cwd=ROOT)
 
 
+def test_geneval_never_deletes_what_it_did_not_write(tiny_runs, tmp_path):
+    """geneval replaces OUT/geneval (an earlier run's images), but not a folder holding anything else: notes, or
+    the very prompt file it reads."""
+    folder = tmp_path / "geneval"
+    (folder / "00000" / "samples").mkdir(parents=True)
+    (folder / "00000" / "samples" / "0000.png").write_bytes(b"png")
+    (folder / "00000" / "samples" / "0001.png.123.tmp").write_bytes(b"tmp")
+    (folder / "00000" / "metadata.jsonl").write_text("{}\n")
+    assert evaluate.not_written_by_geneval(folder) == []
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a photo of a red circle", "tag": "single_object",
+                                   "include": [{"class": "circle", "count": 1}]}) + "\n")
+    (folder / "00000" / "NOTES.md").write_text("mine")
+    assert evaluate.not_written_by_geneval(folder) == [str(folder / "00000" / "NOTES.md"), str(prompts)]
+    result = run_eval("geneval", "--ckpt", str(tiny_runs / "miro"), "--prompts", str(prompts), "--steps", "1",
+                      "--out", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"holds files that evaluate.py geneval did not write ({folder / '00000' / 'NOTES.md'})" in result.stderr
+    assert prompts.exists() and (folder / "00000" / "samples" / "0000.png").read_bytes() == b"png"
+
+
 def test_geneval_layout_and_sharding_match_one_process(tiny_runs, tmp_path):
     common = ["geneval", "--ckpt", str(tiny_runs / "miro"), "--n-per-prompt", "1", "--min-per-task", "2",
               "--steps", "3"]
