@@ -31,7 +31,9 @@ import json
 import itertools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -517,6 +519,28 @@ def bins_mismatch(bins, path):
     return [n for n in bins.names if edges.get(n) != bins.to_dict()["edges"][n]]
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM (a scheduler's preemption; torchrun forwards it to every rank) and SIGINT (Ctrl-C) during training ask
+    the loop to stop after the current step, checkpoint and exit, instead of losing the steps since the last
+    checkpoint; a second SIGINT interrupts at once. Yields {"signal": None, or the number of the first signal}."""
+    request = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield request
+        return
+
+    def handle(signum, frame):
+        if request["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request["signal"] = request["signal"] or signum
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 # The process group's timeout. Rank 0 alone builds and annotates the built-in world (waiting for another run's
 # annotation lock, if any) and the others wait at a barrier, and a cold node may first download the frozen
 # encoders: minutes that the defaults (10 min on NCCL) would turn into a dead job.
@@ -756,66 +780,78 @@ def main(argv=None):
     model_shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)  # pixels or latents
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
     model.train()
-    while step < tc.steps:
-        images, captions, reward_batch, sources = next(batches)
-        t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
-            args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
-        images = inputs.images(images, sources)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            text, mask = inputs.text(captions[part], sources[part], keep_text[part])
-            forward_flops += flops_per_image(text.shape[1]) * micro_batch  # trimmed captions cost less
-            condition = {"text": text, "text_mask": mask}
-            if model_cfg.reward_names:
-                condition["rewards"] = reward_batch[part].to(device)
-                if tc.reward_dropout > 0:
-                    condition["drop_rewards"] = drop_rewards[part].to(device)
-            sync = not distributed or micro == tc.grad_accum - 1
-            with train_model.no_sync() if not sync else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = flow_matching_loss(train_model, images[part].to(device), t[part].to(device),
-                                              noise[part].to(device), **condition)
-                (loss / tc.grad_accum).backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        finite = torch.isfinite(torch.stack([step_loss, grad_norm])).all().float()
-        if distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN is every rank's: they decide together
-        step += 1
-        if finite.item():
-            optimizer.step()
-            update_ema(ema, model, ema_decay(tc.ema_decay, step))
-            nan_streak, loss_sum, loss_count = 0, loss_sum + step_loss.item(), loss_count + tc.grad_accum
-        else:  # the step keeps its number, batch and learning rate, but model, optimizer and EMA stay unchanged
-            nan_streak, nan_skipped = nan_streak + 1, nan_skipped + 1
-            what = f"non-finite loss {step_loss.item() / tc.grad_accum:.4g} / grad norm {grad_norm.item():.4g}"
-            if tc.on_nan == "stop" or nan_streak > tc.max_nan_skips:
-                why = "--on-nan stop" if tc.on_nan == "stop" else f"{nan_streak} non-finite steps in a row"
-                log(f"error: {what} at step {step}; stopping ({why}), the last checkpoint is kept")
-                sys.exit(1)
-            log(f"step {step}: {what}; skipped ({nan_streak} in a row, {nan_skipped} in all)")
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # this step's (logged below)
-        scheduler.step()
+    with stop_requests() as stop:
+        while step < tc.steps:
+            images, captions, reward_batch, sources = next(batches)
+            t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
+                args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
+            images = inputs.images(images, sources)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+                text, mask = inputs.text(captions[part], sources[part], keep_text[part])
+                forward_flops += flops_per_image(text.shape[1]) * micro_batch  # trimmed captions cost less
+                condition = {"text": text, "text_mask": mask}
+                if model_cfg.reward_names:
+                    condition["rewards"] = reward_batch[part].to(device)
+                    if tc.reward_dropout > 0:
+                        condition["drop_rewards"] = drop_rewards[part].to(device)
+                sync = not distributed or micro == tc.grad_accum - 1
+                with train_model.no_sync() if not sync else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = flow_matching_loss(train_model, images[part].to(device), t[part].to(device),
+                                                  noise[part].to(device), **condition)
+                    (loss / tc.grad_accum).backward()
+                step_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            finite = torch.isfinite(torch.stack([step_loss, grad_norm])).all()
+            flags = torch.stack([finite, torch.tensor(stop["signal"] is None, device=device)]).float()
+            if distributed:  # one rank's NaN (or stop request) is every rank's: they decide together
+                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            finite, go_on = flags.tolist()
+            step += 1
+            if finite:
+                optimizer.step()
+                update_ema(ema, model, ema_decay(tc.ema_decay, step))
+                nan_streak, loss_sum, loss_count = 0, loss_sum + step_loss.item(), loss_count + tc.grad_accum
+            else:  # the step keeps its number, batch and learning rate, but model, optimizer and EMA stay unchanged
+                nan_streak, nan_skipped = nan_streak + 1, nan_skipped + 1
+                what = f"non-finite loss {step_loss.item() / tc.grad_accum:.4g} / grad norm {grad_norm.item():.4g}"
+                if tc.on_nan == "stop" or nan_streak > tc.max_nan_skips:
+                    why = "--on-nan stop" if tc.on_nan == "stop" else f"{nan_streak} non-finite steps in a row"
+                    log(f"error: {what} at step {step}; stopping ({why}), the last checkpoint is kept")
+                    sys.exit(1)
+                log(f"step {step}: {what}; skipped ({nan_streak} in a row, {nan_skipped} in all)")
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (logged below)
+            scheduler.step()
 
-        if step % tc.log_every == 0 or step == tc.steps:
-            now = time.time()
-            mean_loss = torch.tensor(loss_sum / loss_count if loss_count else float("nan"), device=device)
-            if distributed:
-                dist.all_reduce(mean_loss)  # the logged loss is the mean over ranks
-                mean_loss /= world_size
-            images_per_s = (step - last_log_step) * tc.batch_size / (now - last_log)
-            rank_images = (step - last_log_step) * micro_batch * tc.grad_accum
-            mfu = f"  MFU {mfu_percent(forward_flops / rank_images, images_per_s / world_size, peak):.1f}%" if peak \
-                else ""
-            log(f"step {step:7d}/{tc.steps}  loss {mean_loss.item():.4f}  grad {grad_norm.item():.3f}  "
-                f"lr {lr:.2e}  {images_per_s:.0f} img/s{mfu}")
-            last_log, last_log_step, loss_sum, loss_count, forward_flops = now, step, 0.0, 0, 0.0
-        if tc.sample_every and step % tc.sample_every == 0:
-            preview(step)
-        if step % tc.ckpt_every == 0 or step == tc.steps or (tc.keep_every and step % tc.keep_every == 0):
-            checkpoint(step)
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.time()
+                mean_loss = torch.tensor(loss_sum / loss_count if loss_count else float("nan"), device=device)
+                if distributed:
+                    dist.all_reduce(mean_loss)  # the logged loss is the mean over ranks
+                    mean_loss /= world_size
+                images_per_s = (step - last_log_step) * tc.batch_size / (now - last_log)
+                rank_images = (step - last_log_step) * micro_batch * tc.grad_accum
+                mfu = (f"  MFU {mfu_percent(forward_flops / rank_images, images_per_s / world_size, peak):.1f}%"
+                       if peak else "")
+                log(f"step {step:7d}/{tc.steps}  loss {mean_loss.item():.4f}  grad {grad_norm.item():.3f}  "
+                    f"lr {lr:.2e}  {images_per_s:.0f} img/s{mfu}")
+                last_log, last_log_step, loss_sum, loss_count, forward_flops = now, step, 0.0, 0, 0.0
+            if tc.sample_every and step % tc.sample_every == 0:
+                preview(step)
+            if step % tc.ckpt_every == 0 or step == tc.steps or (tc.keep_every and step % tc.keep_every == 0) \
+                    or not go_on:
+                checkpoint(step)
+            if not go_on and step < tc.steps:
+                name = signal.Signals(stop["signal"]).name if stop["signal"] else "another rank's signal"
+                log(f"stopped by {name} after step {step}: checkpoint {run_dir / 'ckpt.pt'} written; continue with "
+                    f"--resume {run_dir}")
+                if distributed:
+                    dist.barrier()  # rank 0's checkpoint is written before any rank exits
+                    dist.destroy_process_group()
+                sys.exit(128 + (stop["signal"] or signal.SIGTERM))
 
     if not (tc.sample_every and step % tc.sample_every == 0):  # the last step's preview, unless just made
         preview(step)

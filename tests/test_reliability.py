@@ -9,6 +9,7 @@ variables and then calls train.main on its arguments:
     RELIABILITY_TORN_SAVE=K   the K-th torch.save writes half its bytes, then the process SIGKILLs itself
 The 8-rank run is marked `slow` (CI runs it too; `-m "not slow"` skips it locally).
 """
+import gc
 import io
 import os
 import random
@@ -189,6 +190,37 @@ def test_sigkill_anywhere_and_resume_equals_uninterrupted_run(tiny_runs, tmp_pat
     assert killed_mid_run >= 1  # a kill landed inside training: otherwise this would test an uninterrupted run
     assert steps_seen[-1] == 8 and steps_seen == sorted(steps_seen)
     assert {"ckpt_0000003.pt", "ckpt_0000006.pt"} <= set(checkpoints_load(run))
+    assert_same_weights(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"), load_checkpoint(run / "ckpt.pt"))
+
+
+def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tiny_runs, tmp_path, monkeypatch):
+    """A preemption's SIGTERM, then a Ctrl-C, each arriving mid-step (sent from inside the loss): the step finishes,
+    its checkpoint is written (none was due: --ckpt-every 100), the exit code is 128 + the signal; the resumed lives
+    end bit-identical to the uninterrupted reference, and the signal handlers are given back."""
+    run = tmp_path / "runs" / "miro"
+    args = tiny_train_args(tmp_path / "runs", "--data-dir", str(data_dir(tiny_runs)), "--ckpt-every", "100",
+                           "--keep-every", "0")
+    real, handlers = train.flow_matching_loss, [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    for signum, at_call, step in ((signal.SIGTERM, 3, 3), (signal.SIGINT, 2, 5)):
+        calls = []
+
+        def loss(*a, **k):
+            calls.append(1)
+            if len(calls) == at_call:
+                os.kill(os.getpid(), signum)
+            return real(*a, **k)
+        monkeypatch.setattr(train, "flow_matching_loss", loss)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(args + (["--resume", str(run)] if step > 3 else []))
+        assert stopped.value.code == 128 + signum
+        assert load_checkpoint(run / "ckpt.pt")["step"] == step
+        name = signal.Signals(signum).name
+        assert f"stopped by {name} after step {step}: checkpoint" in (run / "log.txt").read_text()
+        assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
+        del stopped  # its traceback holds the stopped run's frame, and so its open run lock
+        gc.collect()
+    monkeypatch.setattr(train, "flow_matching_loss", real)
+    train.main(args + ["--resume", str(run)])
     assert_same_weights(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"), load_checkpoint(run / "ckpt.pt"))
 
 
