@@ -23,8 +23,12 @@ numbers, not ratios much.
 """
 import argparse
 import json
+import math
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -257,22 +261,59 @@ def print_table(title, rows, columns):
         print("| " + " | ".join(cells) + " |")
 
 
+def positive_int(text):
+    """argparse type of the counts: 0 or less is no benchmark at all (and `or` would turn 0 into the default)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {n}")
+    return n
+
+
+def check_args(p, args):
+    """Parser errors for what would otherwise fail minutes in (a preset, the --json file) or as a traceback (a
+    device that is not there)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a torch device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: the benchmark runs on cpu or cuda")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        p.error(f"--device {args.device}: no such GPU ({gpus} visible)")
+    from model import PRESETS  # as make_step: the model lives at the repository's root
+    if args.preset is not None and args.preset not in PRESETS:
+        p.error(f"--preset {args.preset}: unknown; known presets: {', '.join(PRESETS)}")
+    if args.json:
+        path = Path(args.json)
+        why = ("is a folder" if path.is_dir() else f"no folder {path.parent}" if not path.parent.is_dir() else
+               "not writable" if not os.access(path if path.exists() else path.parent, os.W_OK) else None)
+        if why:
+            p.error(f"--json {path}: {why}")
+    return device
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="include torch.compile variants (auto: on CUDA only; on a CPU compiling takes minutes)")
     p.add_argument("--preset", default=None, help="model preset of the training step (default: paper on CUDA, "
                                                   "cpu on a CPU)")
-    p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 128 on CUDA = the paper's "
-                                                           "1024 over 8 GPUs; 8 on a CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per variant (default 10 CUDA, 5 CPU)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steady timings on a shared CPU)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="training-step batch (default: 128 on CUDA = the paper's 1024 over 8 GPUs; 8 on a CPU)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="timed training steps per variant (default 10 CUDA, 5 CPU)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="CPU threads (default 1: steady timings on a shared CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--profile", action="store_true", help="print the top kernels of the last training-step variant "
                                                           "(torch.profiler)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = check_args(p, args)
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(args.threads)
@@ -299,19 +340,24 @@ def main(argv=None):
                           ("fwd_bwd_copy_pct", "% of copy", "{:.0f}")])
 
     preset = args.preset or ("paper" if on_gpu else "cpu")
-    batch = args.batch or (128 if on_gpu else 8)
+    batch = args.batch if args.batch is not None else (128 if on_gpu else 8)
     results = {"device": name, "torch": torch.__version__, "copy_GBps": copy_gbps, "ops": op_rows, "step": [],
                "preset": preset, "batch": batch}
     write_json(args.json, results)  # the op numbers survive a step benchmark that runs out of time
     step_variants = variants + (["fused+compile"] if fused and with_compile else [])
     step_rows = bench_steps(device, step_variants, preset, batch, bf16=on_gpu,
-                            iters=args.steps or (10 if on_gpu else 5), profile=args.profile)
+                            iters=args.steps if args.steps is not None else (10 if on_gpu else 5),
+                            profile=args.profile)
     print_table(f"Training step, preset {preset}, batch {batch}, {'bf16 autocast' if on_gpu else 'float32'}; "
                 f"MFU vs dense bf16 peak", step_rows,
                 [("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"),
                  ("TFLOPps", "TFLOP/s", "{:.3g}"), ("MFU_pct", "MFU %", "{:.1f}"), ("speedup", "x eager", "{:.2f}"),
                  ("peak_GB", "peak GB", "{:.1f}")])
     write_json(args.json, dict(results, step=step_rows))
+    failed = [row["variant"] for row in step_rows if math.isnan(row["step_ms"])]
+    if failed:  # a table with a failed row is not a benchmark that ran: scripts and CI must see it
+        print(f"{len(failed)} of {len(step_rows)} training-step variants failed", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_json(path, results):

@@ -214,6 +214,39 @@ def test_bench_times_and_profiles_each_step_under_its_own_impl(fresh_dispatch, m
     assert kernels.get_impl() == "auto" and [r["variant"] for r in rows] == ["eager"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "argument --threads: must be > 0, got 0"),
+    (["--steps", "0"], "argument --steps: must be > 0, got 0"),  # not silently the default
+    (["--batch", "0"], "argument --batch: must be > 0, got 0"),
+    (["--batch", "-1"], "argument --batch: must be > 0, got -1"),  # was a failed row and exit 0
+    (["--device", "foo"], "--device foo: not a torch device"),
+    (["--device", "meta"], "--device meta: the benchmark runs on cpu or cuda"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "no such GPU"),
+    (["--preset", "nope"], "--preset nope: unknown; known presets: tiny, cpu, paper"),
+    (["--json", "."], "--json .: is a folder"),  # was found only after the op benchmark
+    (["--json", "no/such/dir/out.json"], "--json no/such/dir/out.json: no folder no/such/dir"),
+])
+def test_bench_refuses_bad_flags_before_benchmarking(flags, message, monkeypatch, capsys):
+    from kernels import bench
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a: pytest.fail("benchmarked despite a bad flag"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_bench_exits_1_when_a_step_variant_fails(tmp_path, monkeypatch, capsys):
+    from kernels import bench
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a: 1.0)
+    monkeypatch.setattr(bench, "bench_ops", lambda *a: [])
+    monkeypatch.setattr(bench, "make_step", lambda *a: (_ for _ in ()).throw(RuntimeError("compiler error")))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--steps", "1", "--json",
+                    str(tmp_path / "out.json")])
+    assert e.value.code == 1 and "1 of 1 training-step variants failed" in capsys.readouterr().err
+    assert "failed" in (tmp_path / "out.json").read_text()  # the numbers are still written
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Build machinery: the lock, the toolkit, the architecture list, nvcc's register report, the full build.
 
