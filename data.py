@@ -694,9 +694,10 @@ def center_crop_resize(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def _text(raw) -> str:
-    """Caption bytes or str (or None) -> stripped text; invalid UTF-8 bytes become U+FFFD."""
+    """Caption bytes or str (or None) -> stripped text; invalid UTF-8 bytes become U+FFFD, a leading byte-order
+    mark (a Windows editor's .txt) is dropped."""
     if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="replace")
+        raw = raw.decode("utf-8-sig", errors="replace")
     return raw.strip() if isinstance(raw, str) else ""
 
 
@@ -978,6 +979,22 @@ def dataset_identity(path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Ranks: one process per device under torchrun (train.py, evaluate.py, rewards.py annotate, model.py precompute),
 # each reading its own share of the data.
+
+SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
+MAX_SEED = 2**63 // SEED_STRIDE - 1  # so that every such seed (i < SEED_STRIDE) fits torch's signed 64 bits
+
+
+def seed_arg(text: str) -> int:
+    """The argparse type of every --seed / --data-seed: an integer in [0, MAX_SEED], so that no seed derived from
+    it overflows torch.manual_seed (a larger one would fail there, in train.py only after the slow data setup)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {text}")
+    return seed
+
 
 def rank_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> tuple[str, str]:
     """(this rank's device, its process-group backend) for --device: "cuda" is the rank's own GPU, cuda:LOCAL_RANK,
@@ -1271,7 +1288,7 @@ def main(argv=None):
         default_out = None if name == "build" else "preview.png"
         p.add_argument("--out", default=default_out, help=f"output {'folder' if name == 'build' else 'PNG'} "
                                                           f"(default {default_out or 'runs/_data/shapes<size>_n<N>_seed<S>'})")
-        p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+        p.add_argument("--seed", type=seed_arg, default=0, help="world seed (default 0)")
         p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     sub.choices["build"].add_argument("--num-train", type=int, default=WorldConfig.num_train,
                                       help=f"number of training samples (default {WorldConfig.num_train})")

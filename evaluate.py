@@ -47,7 +47,7 @@ import rewards
 import train
 from sample import as_saved, generate, open_checkpoint, parse_reward_targets, to_uint8
 
-SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
+SEED_STRIDE = data.SEED_STRIDE  # image i of an evaluation with --seed s: noise from seed s * SEED_STRIDE + i
 # Bump when the same images and settings would be judged differently, so that cached evaluations are not reused.
 # 2: images judged on their 8-bit PNG levels; judges at rewards.REWARD_VERSIONS; the detector's noise guard.
 EVALUATION_VERSION = 2
@@ -295,7 +295,7 @@ def load_prompts(spec: str, world: data.WorldConfig | None) -> list[dict]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {spec}: no such file (or use 'heldout')")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark would hide the first column's name
     numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix == ".jsonl":
         prompts = [data._json_line(line, path, n) for n, line in numbered]
@@ -1143,7 +1143,7 @@ def parse_args(argv=None):
     for name, help_ in commands.items():
         s = sub.add_parser(name, help=help_, description=globals()[f"cmd_{name}"].__doc__)  # shown as written
         s.add_argument("--out", default=None, help="output folder (default: RUN/eval, or runs/convergence)")
-        s.add_argument("--seed", type=int, default=0, help="noise seed (training seed for convergence)")
+        s.add_argument("--seed", type=data.seed_arg, default=0, help="noise seed (training seed for convergence)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
         s.add_argument("--batch-size", type=int, default=64, help="images per batch")
         if name == "usage":  # no sampling, no judges: a checkpoint and its training data
@@ -1220,6 +1220,8 @@ def parse_args(argv=None):
         p.error("--n-per-prompt: diversity compares a prompt's samples, so it needs at least 2")
     if getattr(args, "repeat_seeds", 0) < 0:
         p.error("--repeat-seeds must be >= 0")
+    if args.seed + getattr(args, "repeat_seeds", 0) > data.MAX_SEED:  # the repeats train with --seed + 1, 2, ...
+        p.error(f"--seed + --repeat-seeds must be <= {data.MAX_SEED}")
     if args.command in ("convergence", "usage") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # not sharded: every rank would run it whole (convergence: build, train and write into the same folder)
         jobs = "; it runs trainings and evaluations in parallel with --jobs" if args.command == "convergence" else ""

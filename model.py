@@ -545,19 +545,24 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, miro=True):
     """A checkpoint dict with every tensor on the CPU; weights_only, so loading never runs pickled code.
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable one."""
+    Raises FileNotFoundError for a missing file and ValueError for an unreadable one; with miro=True (False: any
+    weights file) also for anything but a dict with a "config" dict, e.g. a bare tensor."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn or foreign files raise several exception types, some multi-line: report one line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = next((line.split(" Please use")[0] for line in lines if line.startswith("WeightsUnpickler error")),
                    lines[0])  # names what the file holds beyond tensors
         raise ValueError(f"cannot read checkpoint {path} (truncated, or not a torch checkpoint): {why}") from e
+    if miro and not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)):
+        what = "a dict without a config dict" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"{path}: not a MIRO checkpoint (it holds {what})")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, ema=True):
@@ -611,6 +616,14 @@ def _check_loading(source, cls, info):
         raise ValueError(f"{source}: weights do not match {cls.__name__}: {bad}")
 
 
+def _hub_source(source):
+    """ValueError for a file given as source=: from_pretrained reads a folder (or hub id), and on a file fails deep
+    inside (a KeyError, an UnpicklingError)."""
+    if Path(source).is_file():
+        raise ValueError(f"source={source}: a folder in the hub layout (or a hub id), not a file")
+    return source
+
+
 class T5TextEncoder:
     """Frozen (FLAN-)T5 encoder: the last hidden states of T5EncoderModel, padded/truncated to max_length tokens,
     EOS included (the paper: 256 in training, 77 at inference; here max_length in both, the same features for every
@@ -623,7 +636,7 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
         if not str(max_length).isdigit() or int(max_length) < 1:  # checked before the (slow) load
             raise ValueError(f"t5: max_length must be a positive integer, got {max_length!r}")
-        model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)
+        model, info = T5EncoderModel.from_pretrained(_hub_source(source), output_loading_info=True)
         _check_loading(source, T5EncoderModel, info)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.device, self.max_length = torch.device(device), int(max_length)
@@ -723,7 +736,7 @@ class SDXLVAE:
 
     def __init__(self, source="stabilityai/sdxl-vae", subfolder=None, device="cpu", precision="bf16"):
         from diffusers import AutoencoderKL
-        model, info = AutoencoderKL.from_pretrained(source, subfolder=subfolder, output_loading_info=True,
+        model, info = AutoencoderKL.from_pretrained(_hub_source(source), subfolder=subfolder, output_loading_info=True,
                                                     low_cpu_mem_usage=False)
         _check_loading(source, AutoencoderKL, info)
         if model.config.latent_channels != len(LATENT_MEAN):
@@ -1137,6 +1150,7 @@ def print_parameters(args):
 
 
 def main(argv=None):
+    import data  # its seed_arg, shared by every script's --seed
     parser = argparse.ArgumentParser(description="Model presets and frozen-encoder caches. With no command: the "
                                                  "parameter count of every preset.")
     parser.add_argument("--preset", choices=list(PRESETS), help="one preset (default: all)")
@@ -1149,7 +1163,8 @@ def main(argv=None):
                         "OUT/latents)")
     add_frozen_args(p)
     p.add_argument("--image-size", type=int, default=256, help="pixel side the images are cropped to (the paper: 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of each image's posterior sample (with its key)")
+    p.add_argument("--seed", type=data.seed_arg, default=0,
+                   help="seed of each image's posterior sample (with its key)")
     p.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is below this")
     p.add_argument("--batch-size", type=int, default=64, help="samples per encoder call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")

@@ -551,7 +551,7 @@ def _read_weights(path) -> dict:
         except SafetensorError as e:
             raise ValueError(f"cannot read weights from {path} (truncated, or not safetensors): {e}") from None
     from model import load_checkpoint  # weights_only, any unreadable file a one-line ValueError
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, miro=False)  # a state dict, not a MIRO checkpoint
     if not isinstance(state, dict):
         raise ValueError(f"cannot read weights from {path}: it holds a {type(state).__name__}, not a state dict")
     return state["state_dict"] if "state_dict" in state else state
@@ -1939,12 +1939,15 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per non-blank line, or for a .jsonl file the "prompt" field of each row."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
-        return [line.strip() for line in lines]
-    prompts = [json.loads(line).get("prompt") for line in lines]
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{path}: every row needs a \"prompt\" string")
+        return [line.strip() for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        row = data._json_line(line, path, n)
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: every row needs to be a JSON object with a \"prompt\" string")
+        prompts.append(row["prompt"])
     return prompts
 
 
@@ -2129,7 +2132,7 @@ def _add_train_clip_parser(sub):
                                                f"reward looks by default for the default world)")
     t.add_argument("--steps", type=int, default=TRAIN_CLIP_STEPS, help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=256, help="pairs per contrastive batch (default %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="initialisation and batch order seed")
+    t.add_argument("--seed", type=data.seed_arg, default=0, help="initialisation and batch order seed")
     t.add_argument("--empty-fraction", type=float, default=0.125,
                    help="per batch, this fraction of its images also enter as empty canvases (the background "
                         "alone), negatives for every caption (default %(default)s; 0 = plain CLIP loss)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data import seed_arg
 from model import WordTokenizer, load_checkpoint, load_frozen, model_from_checkpoint, trim_padding
 
 
@@ -206,7 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=None, help="guidance weight w >= 0 (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same images)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="noise seed (same seed, same images)")
     p.add_argument("--best-of", type=int, default=1, help="draw N candidates per image and keep the best")
     p.add_argument("--select-by", default=None, help="reward that picks the best candidate (with --best-of)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -229,7 +230,8 @@ def parse_args(argv=None):
         p.error(f"--out {args.out}: the grid is a PNG, so the name must end in .png")
     if args.prompts_file:
         try:
-            args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            text = Path(args.prompts_file).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not a word
+            args.prompt += [line.strip() for line in text.splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             p.error(f"cannot read --prompts-file: {e}")
     if not args.prompt:

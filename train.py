@@ -200,7 +200,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="built-in dataset folder (default: runs/_data/shapes<size>_n<N>_seed<S>; built if missing)")
     p.add_argument("--num-train", type=int, default=None, help="size of the built-in training set (default 20000)")
-    p.add_argument("--data-seed", type=int, default=None, help="seed of the built-in world (default 0)")
+    p.add_argument("--data-seed", type=data.seed_arg, default=None, help="seed of the built-in world (default 0)")
     p.add_argument("--data", default=None,
                    help="train on a real dataset instead of the built-in world: an image folder, a .jsonl/.csv "
                         "manifest, a folder of WebDataset .tar shards or a pattern like 'shards/{00000..00099}.tar' "
@@ -225,7 +225,8 @@ def parse_args(argv=None):
                    help="a latent cache of --data (OUT/latents, same VAE and image size) read instead of encoding")
     p.add_argument("--num-bins", type=int, default=64, help="reward bins B (value k/(B-1))")
     p.add_argument("--binning", default="quantile", choices=["quantile", "uniform"], help="bin edges")
-    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, noise and data order (default 0)")
+    p.add_argument("--seed", type=data.seed_arg, default=None,
+                   help="seed of initialisation, noise and data order (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (float32 weights and optimizer); default bf16 on CUDA, fp32 on CPU")

@@ -471,11 +471,21 @@ def test_score_folder_and_geneval_layout(tmp_path, probe, capsys):
         ("00001/samples/0000.png", "a photo of two squares"), ("00001/samples/0001.png", "a photo of two squares")]
 
 
+def test_score_prompts_drop_a_byte_order_mark(tmp_path):
+    (tmp_path / "p.txt").write_text("\ufeffa red circle\nsecond\n", encoding="utf-8")  # Notepad's byte-order mark
+    (tmp_path / "p.jsonl").write_text('\ufeff{"prompt": "a red circle"}\n', encoding="utf-8")
+    assert rewards._read_prompts(tmp_path / "p.txt") == ["a red circle", "second"]  # not stored as "\ufeffa red..."
+    assert rewards._read_prompts(tmp_path / "p.jsonl") == ["a red circle"]
+
+
 def test_cli_errors_are_one_line(tmp_path, world, capsys):
     (tmp_path / "file").write_text("not a folder")
     images = tmp_path / "images"
     write_png(images / "0.png", 0)
     (tmp_path / "two.txt").write_text("a\nb\n")
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a"}\n[1]\n')  # rows that are not objects, or not JSON
+    (tmp_path / "text.jsonl").write_text('"a"\n')
+    (tmp_path / "garbage.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": \n')
     cases = {
         "unknown reward(s) nope; known rewards: alignment": ["annotate", "--data", str(world), "--rewards",
                                                             "alignment,nope"],
@@ -505,6 +515,13 @@ def test_cli_errors_are_one_line(tmp_path, world, capsys):
                             "contrast"],  # its one image has no caption
         "1 image(s) in": ["score", "--images", str(images), "--prompts", str(tmp_path / "two.txt")],
         "is not a folder": ["score", "--images", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "two.txt")],
+        f"{tmp_path / 'list.jsonl'}:2: every row needs to be a JSON object with a \"prompt\" string": [
+            "score", "--images", str(images), "--prompts", str(tmp_path / "list.jsonl")],  # was an AttributeError
+        f"{tmp_path / 'text.jsonl'}:1: every row needs to be a JSON object": [
+            "score", "--images", str(images), "--prompts", str(tmp_path / "text.jsonl")],
+        f"{tmp_path / 'garbage.jsonl'}:3: not a JSON line": [
+            "score", "--images", str(images), "--prompts", str(tmp_path / "garbage.jsonl")],
+        "argument --seed: must be in [0, ": ["train-clip", "--seed", "99999999999999999999"],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as e:

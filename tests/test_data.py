@@ -1,4 +1,5 @@
 """Tests of the built-in shapes world (data.py)."""
+import argparse
 import colorsys
 import json
 import os
@@ -392,6 +393,16 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.json"]
 
 
+def test_seed_arg_keeps_every_derived_seed_in_torchs_range():
+    """One bound for every --seed: evaluate.py's per-image seeds seed * SEED_STRIDE + i (i < SEED_STRIDE) stay
+    below 2**63; train.py and sample.py seed torch with it directly."""
+    assert data.seed_arg("0") == 0 and data.seed_arg(str(data.MAX_SEED)) == data.MAX_SEED
+    assert data.MAX_SEED * data.SEED_STRIDE + data.SEED_STRIDE - 1 < 2**63
+    for bad in ("-1", str(data.MAX_SEED + 1), "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            data.seed_arg(bad)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["build", "--num-train", "-5"], "--num-train must be >= 1"),
     (["build", "--image-size", "0"], "--image-size must be >= 8"),
@@ -401,6 +412,8 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     (["preview", "--n", "1", "--out", "{tmp}/grid.txt"], "unknown file extension: .txt"),
     (["build", "--num-train", "4", "--out", "{tmp}/a_file/world"], "{tmp}/a_file/world"),
     (["inspect", "{tmp}", "--limit", "0"], "--limit must be >= 1"),
+    (["build", "--num-train", "4", "--seed", "-1", "--out", "{tmp}/w"], "argument --seed: must be in [0, "),
+    (["build", "--num-train", "4", "--seed", "99999999999999999999", "--out", "{tmp}/w"], "must be in [0, "),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")  # a file where a folder should be

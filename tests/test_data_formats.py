@@ -269,6 +269,13 @@ def test_default_keys_and_bad_input_errors(tmp_path, samples):
     assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
 
 
+def test_a_byte_order_mark_is_not_part_of_a_caption(tmp_path, samples):
+    good = next(s for s in samples if s["expect"] is None)
+    write_folder([{**good, "meta": {}, "caption": b"\xef\xbb\xbfa red circle\n"}], tmp_path / "f")  # Notepad's .txt
+    [record] = data.open_dataset(tmp_path / "f").iter_records()
+    assert record.captions["caption"] == "a red circle"  # not "\ufeffa red circle": its first word unknown
+
+
 @pytest.mark.parametrize("fmt", ["folder", "csv", "one_tar"])
 def test_a_captions_only_pass_decodes_no_image(fmt, datasets, monkeypatch):
     """decode=False (model.py precompute's text pass): the same keys and captions, and no image read."""

@@ -258,6 +258,27 @@ def test_loaders_are_strict(vae_dir, tmp_path):
         M.SDXLVAE(source=str(broken))
 
 
+def test_a_file_as_source_is_a_one_line_error(t5_dir, vae_dir, tmp_path, capsys):
+    """source= names a hub-layout folder or a hub id: a file (a config.json, a weights file) failed deep inside
+    from_pretrained (KeyError for the VAE, UnpicklingError for T5)."""
+    for load, file in ((lambda f: M.load_text_encoder("t5", source=f), t5_dir / "config.json"),
+                       (lambda f: M.load_vae("sdxl", source=f), vae_dir / "config.json"),
+                       (lambda f: M.SDXLVAE(source=f), vae_dir / "diffusion_pytorch_model.safetensors")):
+        with pytest.raises(ValueError) as e:
+            load(str(file))
+        assert str(e.value) == f"source={file}: a folder in the hub layout (or a hub id), not a file"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "0.png")
+    (images / "0.txt").write_text("a photo")
+    for flags in (["--vae", "sdxl", "--vae-option", f"source={vae_dir / 'config.json'}"],
+                  ["--text-encoder", "t5", "--text-encoder-option", f"source={t5_dir / 'config.json'}"]):
+        with pytest.raises(SystemExit) as e:
+            M.main(["precompute", "--data", str(images), "--out", str(tmp_path / "cache"), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "not a file" in err.splitlines()[-1] and "Traceback" not in err, err
+
+
 # ---- train.py / sample.py with frozen parts ---------------------------------------------------------------------
 
 def test_train_resume_and_sample_with_frozen_t5_and_sdxl_vae(t5_dir, vae_dir, tmp_path):

@@ -118,6 +118,12 @@ def test_prompt_sets(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"\n')
     with pytest.raises(ValueError, match="broken.jsonl:2: not a JSON line"):
         evaluate.load_prompts(str(tmp_path / "broken.jsonl"), None)
+    bom = "\ufeff"  # a byte-order mark (Excel, Notepad) before the first column's name or the first prompt
+    (tmp_path / "bom.tsv").write_text(bom + "Prompt\tCategory\na cat\tAnimals\n", encoding="utf-8")
+    (tmp_path / "bom.txt").write_text(bom + "a cat\n", encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(bom + '{"prompt": "a cat"}\n', encoding="utf-8")
+    for name in ("bom.tsv", "bom.txt", "bom.jsonl"):
+        assert [p["prompt"] for p in evaluate.load_prompts(str(tmp_path / name), None)] == ["a cat"], name
 
 
 def test_min_per_task_applies_to_the_builtin_heldout_prompts_only(tmp_path):
@@ -495,6 +501,7 @@ def test_usage_on_trained_runs(tiny_runs, tmp_path):
     (["convergence", "--judge-rewards", "contrast"], "unrecognized arguments: --judge-rewards"),
     (["tts", "--min-per-task", "4"], "unrecognized arguments: --min-per-task"),
     (["tts", "--n-per-prompt", "2"], "unrecognized arguments: --n-per-prompt"),  # it draws --max-n per prompt
+    (["geneval", "--seed", "9300000000000"], r"argument --seed: must be in \[0, "),  # seed * 1_000_003 overflowed
 ])
 def test_cli_errors_are_one_line(args, message):
     res = run_eval(*args)
@@ -502,6 +509,12 @@ def test_cli_errors_are_one_line(args, message):
     assert "Traceback" not in res.stderr
     import re
     assert re.search(message, res.stderr), res.stderr
+
+
+def test_convergence_refuses_repeated_seeds_past_the_largest_seed(capsys):
+    with pytest.raises(SystemExit) as e:  # the repeats train with --seed + 1, ..., which train.py would refuse
+        evaluate.parse_args(["convergence", "--seed", str(data.MAX_SEED), "--repeat-seeds", "1"])
+    assert e.value.code == 2 and f"--seed + --repeat-seeds must be <= {data.MAX_SEED}" in capsys.readouterr().err
 
 
 def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
@@ -518,6 +531,10 @@ def test_cli_errors_that_need_a_checkpoint(tiny_runs, tmp_path):
     assert res.returncode == 2 and "guidance weights must be >= 0 and finite" in res.stderr
     res = run_eval("rewards", "--ckpt", str(tiny_runs / "baseline"), "--rewards", "alignment=1", "--out", str(tmp_path))
     assert res.returncode == 2 and "was trained without rewards (a baseline)" in res.stderr
+    torch.save(torch.zeros(3), tmp_path / "t.pt")  # was an IndexError deep in model_from_checkpoint
+    res = run_eval("geneval", "--ckpt", str(tmp_path / "t.pt"), "--out", str(tmp_path))
+    assert res.returncode == 2 and "t.pt: not a MIRO checkpoint (it holds a Tensor)" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_a_geneval_rerun_that_dies_leaves_no_stale_numbers(tiny_runs, tmp_path, monkeypatch, capsys):

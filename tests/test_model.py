@@ -374,6 +374,13 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         M.load_checkpoint(tmp_path / "torn.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # read, but no MIRO checkpoint: was an IndexError later
+    with pytest.raises(ValueError, match=r"tensor.pt: not a MIRO checkpoint \(it holds a Tensor\)"):
+        M.load_checkpoint(tmp_path / "tensor.pt")
+    torch.save({"config": None, "model": {}}, tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match=r"not a MIRO checkpoint \(it holds a dict without a config dict\)"):
+        M.load_checkpoint(tmp_path / "dict.pt")
+    assert torch.equal(M.load_checkpoint(tmp_path / "tensor.pt", miro=False), torch.zeros(3))  # any weights file
     with pytest.raises(ValueError, match="model config"):
         M.model_from_checkpoint({"config": {"widht": 3}})
     model = make_model()

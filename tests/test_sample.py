@@ -143,6 +143,8 @@ def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     ("miro", ["--select-by", "alignment"], "--select-by picks among --best-of candidates"),
     ("miro", ["--out", "grid.jpg"], "the grid is a PNG, so the name must end in .png"),
     ("missing", [], "no checkpoint at"),
+    ("miro", ["--seed", "99999999999999999999"], "argument --seed: must be in [0, "),  # was a torch overflow
+    ("miro", ["--seed", "-1"], "argument --seed: must be in [0, "),
 ])
 def test_cli_errors_are_one_line(tiny_runs, tmp_path, run, flags, message):
     result = run_sample("--ckpt", str(tiny_runs / run), "--prompt", "a photo of a circle", "--steps", "2",
@@ -151,6 +153,20 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, run, flags, message):
     last_line = result.stderr.strip().splitlines()[-1]  # argparse: the usage, then one error line
     assert last_line.startswith("sample.py: error: ") and message in last_line, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_file_that_is_not_a_miro_checkpoint(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "t.pt")  # was an IndexError deep in model_from_checkpoint
+    result = run_sample("--ckpt", str(tmp_path / "t.pt"), "--prompt", "a photo of a circle", "--steps", "2",
+                        "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 't.pt'}: not a MIRO checkpoint (it holds a Tensor)" in result.stderr.splitlines()[-1]
+
+
+def test_prompts_file_drops_a_byte_order_mark(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes("\ufeffa photo of a circle\n\nsecond prompt\n".encode())  # Notepad's
+    _, args = sample.parse_args(["--prompts-file", str(tmp_path / "prompts.txt")])
+    assert args.prompt == ["a photo of a circle", "second prompt"]  # the first word was "\ufeffa", an <unk>
 
 
 class ConstantVelocityModel:

@@ -142,6 +142,8 @@ def test_baseline_has_no_reward_tokens(tiny_runs):
     (["--lr", "inf"], "--lr must be > 0 and finite"),
     (["--lr", "nan"], "--lr must be > 0 and finite"),
     (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be in [0, "),  # was an overflow after the data setup
+    (["--data-seed", "-1"], "argument --data-seed: must be in [0, "),
 ])
 def test_cli_errors_are_one_line(flags, message):
     result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True)
