@@ -977,8 +977,8 @@ def dataset_identity(path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ranks: one process per device under torchrun (train.py, evaluate.py, rewards.py annotate, model.py precompute),
-# each reading its own share of the data.
+# Seeds and ranks: every --seed within what torch takes; one process per device under torchrun (train.py,
+# evaluate.py, rewards.py annotate, model.py precompute), each reading its own share of the data.
 
 SEED_STRIDE = 1_000_003  # image i of an evaluation with --seed s draws its noise from seed s * SEED_STRIDE + i
 MAX_SEED = 2**63 // SEED_STRIDE - 1  # so that every such seed (i < SEED_STRIDE) fits torch's signed 64 bits
