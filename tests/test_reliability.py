@@ -358,7 +358,8 @@ def bad_checkpoints(tiny_runs, tmp_path):
     ("truncated", "cannot read checkpoint", "cannot read checkpoint"),
     ("empty", "cannot read checkpoint", "cannot read checkpoint"),
     ("pickle", "cannot read checkpoint", "cannot read checkpoint"),
-    ("foreign", "not a train.py checkpoint (no config, tokenizer, model, ema", "no valid model config"),
+    ("foreign", "not a MIRO checkpoint (it holds a dict without a config dict)",
+     "not a MIRO checkpoint (it holds a dict without a config dict)"),
 ])
 def test_bad_checkpoint_files(tiny_runs, bad_checkpoints, kind, train_message, sample_message, capsys):
     run = bad_checkpoints / kind
