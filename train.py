@@ -531,7 +531,7 @@ def stop_requests():
         return
 
     def handle(signum, frame):
-        if request["signal"] == signal.SIGINT and signum == signal.SIGINT:
+        if request["signal"] is not None and signum == signal.SIGINT:  # asked twice: the user will not wait
             raise KeyboardInterrupt
         request["signal"] = request["signal"] or signum
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}

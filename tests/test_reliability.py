@@ -351,7 +351,29 @@ def bad_checkpoints(tiny_runs, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign" / "ckpt.pt")
     (tmp_path / "pickle").mkdir()
     torch.save({"config": Path("x")}, tmp_path / "pickle" / "ckpt.pt")  # a class weights_only does not allow
+    (tmp_path / "partial").mkdir()  # a MIRO checkpoint's config alone: samplable in principle, not resumable
+    torch.save({"config": torch.load(tiny_runs / "miro" / "ckpt.pt", weights_only=True)["config"]},
+               tmp_path / "partial" / "ckpt.pt")
     return tmp_path
+
+
+def test_a_checkpoint_without_training_state_is_not_resumed(tiny_runs, bad_checkpoints, capsys):
+    run = bad_checkpoints / "partial"
+    line = cli_error(train.main, resume_args(tiny_runs, bad_checkpoints / "runs", run), capsys)
+    assert "not a train.py checkpoint (no tokenizer, model, ema, optimizer, scheduler, step, bins, train)" in line
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first signal only asks the loop to stop after its step; a Ctrl-C after it does not wait."""
+    for first in (signal.SIGTERM, signal.SIGINT):
+        with train.stop_requests() as stop:
+            os.kill(os.getpid(), first)
+            time.sleep(0.05)  # the handler runs between bytecodes, once the signal is delivered
+            assert stop["signal"] == first
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
 
 
 @pytest.mark.parametrize("kind, train_message, sample_message", [
