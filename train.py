@@ -109,11 +109,26 @@ def flow_matching_loss(model, x0, t, noise, **condition):
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW with betas (0.9, 0.99). On CUDA the fused implementation, one pass over the weights, gradients and
+    moments per step instead of the default's ten or so; elsewhere the default, so CPU runs repeat older ones."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99),
+                             fused=torch.device(device).type == "cuda")
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a checkpoint's optimizer state but keep this run's implementation: torch would take fused or not from
+    the checkpoint (a run started on a GPU and resumed on a CPU, or the reverse, would keep the other device's)."""
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        saved.update(fused=group["fused"], foreach=group["foreach"])
+    optimizer.load_state_dict(state)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model for every parameter (buffers are copied)."""
+    # One multi-tensor launch instead of one per parameter (~400 in the paper preset), as torch.optim.swa_utils does.
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
@@ -694,13 +709,13 @@ def main(argv=None):
         data_summary = f"{dataset.source.format} data {args.data} (streamed, {args.data_workers} workers per rank)"
 
     # --- optimisation ---
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup, tc.steps))
     start_step, nan_skipped = 0, 0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         ema.load_state_dict(resume_ckpt["ema"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        load_optimizer_state(optimizer, resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         start_step, nan_skipped = resume_ckpt["step"], resume_ckpt.get("nan_skipped", 0)
         # The optimizer holds the learning rate of the old --steps; a longer run's cosine spans the new total from

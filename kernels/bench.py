@@ -13,13 +13,14 @@ or written once: norm_modulate 2 forward + 3 backward, gated_residual 3 + 3, swi
 divided by the time, next to the device's copy bandwidth measured in the same run (dst.copy_(src) of one (B, N, D)
 tensor: read + write).
 
-Training step of a preset (paper on CUDA, in bf16 autocast; cpu on a CPU, float32): forward, backward and AdamW
-step on random inputs with kernels off (eager: the reference), on (fused: the CUDA kernels), torch.compile (compile:
-Inductor fusing the reference) and torch.compile around the CUDA kernels (fused+compile: train.py --compile
---kernels cuda); images/s, MFU = 3 x model.flops_per_image() x images/s / the device's dense bf16 peak (train.py),
-and the peak memory allocated (weights, gradients, AdamW state, activations: does a rank's batch fit the card, or
-does it need --grad-accum?). Timings are medians within one run; other processes on the machine change absolute
-numbers, not ratios much.
+Training step of a preset (paper on CUDA, in bf16 autocast; cpu on a CPU, float32), train.py's: forward, backward,
+gradient clipping, AdamW step (fused on CUDA) and EMA update on random inputs with kernels off (eager: the
+reference), on (fused: the CUDA kernels), torch.compile (compile: Inductor fusing the reference) and torch.compile
+around the CUDA kernels (fused+compile: train.py --compile --kernels cuda); images/s, MFU = 3 x
+model.flops_per_image() x images/s / the device's dense bf16 peak (train.py), and the peak memory allocated
+(weights, gradients, AdamW state, EMA, activations: does a rank's batch fit the card, or does it need
+--grad-accum?). Timings are medians within one run; other processes on the machine change absolute numbers, not
+ratios much.
 """
 import argparse
 import json
@@ -155,14 +156,18 @@ def bench_ops(device, variants, sizes, dtype, copy_gbps):
 # Training step
 
 def make_step(preset, batch, device, bf16, compile):
-    """One training step (forward, backward, AdamW) of `preset` on fixed random inputs, as train.py runs it."""
+    """One training step (forward, backward, gradient clipping, AdamW, EMA) of `preset` on fixed random inputs, as
+    train.py runs it."""
+    import copy
+
     from model import MIRO, get_config
-    from train import flow_matching_loss
+    from train import flow_matching_loss, make_optimizer, update_ema
     torch.manual_seed(0)
     cfg = get_config(preset)
     with torch.device(device):  # initialised in place: seconds saved per variant for the 0.36B paper model
         model = MIRO(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01, device=device)
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     t, noise = torch.rand(batch, device=device), torch.randn_like(x0)
     if cfg.vocab_size > 0:
@@ -176,7 +181,9 @@ def make_step(preset, batch, device, bf16, compile):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = flow_matching_loss(forward, x0, t, noise, **condition)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        update_ema(ema, model, 0.9999)
         optimizer.zero_grad(set_to_none=True)
 
     return model, step
@@ -239,7 +246,7 @@ def bench_steps(device, variants, preset, batch, bf16, iters, profile=False):
         rows.append({"variant": variant, "step_ms": ms, "images_per_s": images_per_s,
                      "TFLOPps": 3 * model.flops_per_image() * images_per_s / 1e12,
                      "MFU_pct": mfu_percent(model.flops_per_image(), images_per_s, peak) if peak else None,
-                     # weights, gradients, AdamW state and activations: does a rank's batch fit the card?
+                     # weights, gradients, AdamW state, EMA and activations: does a rank's batch fit the card?
                      "peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None})
         del model, step
         if device.type == "cuda":

@@ -1,4 +1,5 @@
 """Training: the flow objective, the schedule, the EMA, and a tiny run that resumes identically."""
+import copy
 import re
 import shutil
 import subprocess
@@ -67,6 +68,36 @@ def test_ema_decay_warm_up():
     assert train.ema_decay(0.999, 90) == pytest.approx(0.91)
     assert train.ema_decay(0.999, 100_000) == 0.999
 
+
+
+def test_a_resumed_optimizer_keeps_this_devices_implementation():
+    """Fused AdamW on CUDA, the default elsewhere; a checkpoint's state crosses between them (torch alone would
+    keep the checkpoint's choice) and continues as the same optimizer would (fused AdamW also runs on a CPU)."""
+    assert train.make_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.0, "cpu").param_groups[0]["fused"] in (None, False)
+
+    def trained(optimizer, model, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(5, 4, generator=g)).square().sum().backward()
+            optimizer.step()
+        return model.weight.detach().clone()
+
+    def pair(fused):
+        model = torch.nn.Linear(4, 3)
+        torch.nn.init.constant_(model.weight, 0.5)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.99), fused=fused)
+
+    for saved_fused, resumed_fused in [(True, False), (False, True)]:
+        model, optimizer = pair(saved_fused)
+        trained(optimizer, model, 3, seed=0)
+        state, weights = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(model.state_dict())
+        reference = trained(optimizer, model, 2, seed=1)
+        model, optimizer = pair(resumed_fused)
+        model.load_state_dict(weights)
+        train.load_optimizer_state(optimizer, state)
+        assert bool(optimizer.param_groups[0]["fused"]) == resumed_fused
+        assert torch.allclose(trained(optimizer, model, 2, seed=1), reference, atol=1e-6)
 
 def test_resume_continues_identically(tiny_runs, tmp_path):
     """8 steps straight == 4 steps, a restart from the step-4 checkpoint, 4 more steps."""
