@@ -8,7 +8,8 @@ Conventions (written once, used everywhere):
 
 Layout: text tokenizer -> embedders (timestep, patch, reward, text) -> norms/attention/MLP -> condition
 transformer -> DiT block -> final layer -> MIRO -> config and presets -> checkpoints -> frozen text encoders
-(FLAN-T5, CLIP), the SDXL VAE and their on-disk caches. `python model.py` prints the parameter count of each preset.
+(FLAN-T5, CLIP), the SDXL VAE and their on-disk caches. `python model.py` prints the parameter count of each preset;
+`python model.py export` writes a run's weights as one .safetensors file to share.
 """
 import argparse
 import dataclasses
@@ -546,12 +547,15 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, miro=True):
-    """A checkpoint dict with every tensor on the CPU; weights_only, so loading never runs pickled code.
+    """A checkpoint dict with every tensor on the CPU; weights_only, so loading never runs pickled code (a
+    .safetensors file: an export of model.py export, with its one weight set and no training state).
     Raises FileNotFoundError for a missing file and ValueError for an unreadable one; with miro=True (False: any
     weights file) also for anything but a dict with a "config" dict, e.g. a bare tensor."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if miro and path.suffix == ".safetensors":
+        return _load_exported(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn or foreign files raise several exception types, some multi-line: report one line
@@ -565,6 +569,47 @@ def load_checkpoint(path, miro=True):
     return ckpt
 
 
+# Exported weights (`python model.py export`): one .safetensors file to share a trained model, opened without
+# unpickling anything. The tensors are one weight set, the EMA (default) or the raw weights, stored as "ema." or
+# "model." + parameter name, optionally in bfloat16 / float16 to halve the file (read back as float32). The
+# header's metadata holds, as JSON strings, every other entry that sampling and evaluation read; load_checkpoint
+# returns the same dict as from a ckpt.pt, less the training state, so sample.py and evaluate.py take either file.
+EXPORT_FORMAT = "miro-weights-v1"
+EXPORT_ENTRIES = ("config", "tokenizer", "bins", "sampling", "world", "train", "frozen", "step")
+
+
+def export_weights(ckpt, path, weights="ema", dtype=torch.float32):
+    """Write checkpoint dict `ckpt`'s `weights` ("ema" or "model") to `path` (.safetensors) atomically."""
+    from safetensors.torch import save
+
+    from data import _atomic_write
+    if weights not in ("ema", "model") or weights not in ckpt:
+        raise ValueError(f"the checkpoint holds no {weights!r} weights")
+    tensors = {f"{weights}.{name}": (t.to(dtype) if t.is_floating_point() else t).contiguous()
+               for name, t in ckpt[weights].items()}
+    metadata = {"format": EXPORT_FORMAT, "dtype": str(dtype).removeprefix("torch."),
+                **{key: json.dumps(ckpt[key]) for key in EXPORT_ENTRIES if key in ckpt}}
+    _atomic_write(Path(path), lambda f: f.write(save(tensors, metadata)))
+
+
+def _load_exported(path):
+    """The checkpoint dict of an exported .safetensors file (weights in float32)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path} (truncated, or not safetensors): {e}") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a MIRO export (model.py export writes them; this file's metadata has "
+                         f"format {metadata.get('format')!r})")
+    ckpt = {key: json.loads(metadata[key]) for key in EXPORT_ENTRIES if key in metadata}
+    for name, t in tensors.items():
+        weights, _, param = name.partition(".")
+        ckpt.setdefault(weights, {})[param] = t.float() if t.is_floating_point() else t
+    return ckpt
+
+
 def model_from_checkpoint(ckpt, ema=True):
     """(model in eval mode on the CPU, tokenizer) from a checkpoint dict with "config", "tokenizer", "model" and
     "ema" entries; the EMA weights unless ema=False."""
@@ -572,6 +617,9 @@ def model_from_checkpoint(ckpt, ema=True):
         cfg = ModelConfig(**ckpt["config"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint has no valid model config: {e}") from e
+    if ("ema" if ema else "model") not in ckpt and ("model" if ema else "ema") in ckpt:  # an export holds one set
+        raise ValueError("this export holds the raw weights only, not the EMA (sample.py --no-ema uses them)" if ema
+                         else "this export holds the EMA weights only (model.py export --weights model writes the raw)")
     missing = [k for k in ("ema" if ema else "model", "tokenizer") if k not in ckpt]
     if missing:
         raise ValueError(f"not a MIRO checkpoint: no {', '.join(missing)}")
@@ -1139,6 +1187,20 @@ def precompute(args):
         torch.distributed.destroy_process_group()
 
 
+def export(args):
+    """Write a run's weights as one .safetensors file to share: no optimizer state, no pickle; sample.py --ckpt and
+    evaluate.py --ckpt take it like the run's ckpt.pt."""
+    path = Path(args.ckpt)
+    path = path / "ckpt.pt" if path.is_dir() else path
+    out = Path(args.out) if args.out else path.parent / f"{path.parent.name}.safetensors"
+    ckpt = load_checkpoint(path)
+    model_from_checkpoint(ckpt, ema=args.weights == "ema")  # refuse what would not load back
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_weights(ckpt, out, args.weights, getattr(torch, args.dtype))
+    print(f"{out}: the {args.weights} weights of {path} at step {ckpt.get('step')} in {args.dtype} "
+          f"({out.stat().st_size / 1e6:.1f} MB)")
+
+
 def print_parameters(args):
     for name in [args.preset] if args.preset else PRESETS:
         cfg = get_config(name)
@@ -1151,8 +1213,8 @@ def print_parameters(args):
 
 def main(argv=None):
     import data  # its seed_arg, shared by every script's --seed
-    parser = argparse.ArgumentParser(description="Model presets and frozen-encoder caches. With no command: the "
-                                                 "parameter count of every preset.")
+    parser = argparse.ArgumentParser(description="Model presets, frozen-encoder caches and weight export. With no "
+                                                 "command: the parameter count of every preset.")
     parser.add_argument("--preset", choices=list(PRESETS), help="one preset (default: all)")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("precompute", help="encode a dataset's captions / images into caches train.py reads",
@@ -1168,7 +1230,22 @@ def main(argv=None):
     p.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is below this")
     p.add_argument("--batch-size", type=int, default=64, help="samples per encoder call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device type")
+    p = sub.add_parser("export", help="write a run's weights as one .safetensors file to share",
+                       description=export.__doc__)
+    p.add_argument("--ckpt", required=True, help="a run folder or checkpoint file")
+    p.add_argument("--out", default=None, help="output file (default: RUN/RUN_NAME.safetensors)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="the EMA weights (what sample.py uses) or the raw ones")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="storage type of the weights (read back as float32; bfloat16 halves the file)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        if args.out and Path(args.out).suffix != ".safetensors":
+            parser.error(f"--out {args.out}: the export is a .safetensors file")
+        try:
+            return export(args)
+        except (OSError, ValueError) as e:
+            parser.error(" ".join(str(e).split())[:400])
     if args.command != "precompute":
         return print_parameters(args)
     if args.text_encoder == "builtin" and args.vae == "none":

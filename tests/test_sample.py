@@ -65,6 +65,7 @@ def test_reward_targets():
 # ----------------------------------------------------------------------------------------------------------------
 # With a real (tiny) checkpoint.
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -161,6 +162,60 @@ def test_cli_refuses_a_file_that_is_not_a_miro_checkpoint(tmp_path):
                         "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{tmp_path / 't.pt'}: not a MIRO checkpoint (it holds a Tensor)" in result.stderr.splitlines()[-1]
+
+
+def test_an_exported_run_samples_as_its_checkpoint(tiny_runs, tmp_path, capsys):
+    """model.py export: one .safetensors file (no pickle, no optimizer state) that load_checkpoint reads back as the
+    run's checkpoint: the same images in float32, close in bfloat16, and every entry sampling and evaluation read."""
+    import model as M
+    import train
+    run = tiny_runs / "miro"
+    M.main(["export", "--ckpt", str(run)])
+    exported = run / "miro.safetensors"
+    assert f"{exported}: the ema weights of {run / 'ckpt.pt'} at step 8 in float32" in capsys.readouterr().out
+    M.main(["export", "--ckpt", str(run), "--out", str(tmp_path / "bf16" / "m.safetensors"), "--dtype", "bfloat16"])
+    M.main(["export", "--ckpt", str(run), "--out", str(tmp_path / "raw.safetensors"), "--weights", "model"])
+    assert not list(run.glob("*.tmp"))
+    assert (tmp_path / "bf16" / "m.safetensors").stat().st_size < 0.6 * exported.stat().st_size
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    export = load_checkpoint(exported)
+    assert set(export) == {"config", "tokenizer", "bins", "sampling", "world", "train", "frozen", "step", "ema"}
+    for key in M.EXPORT_ENTRIES:  # JSON round trip (tuples come back as lists)
+        assert export[key] == json.loads(json.dumps(ckpt[key])), key
+    assert export["ema"].keys() == ckpt["ema"].keys()
+    assert all(torch.equal(export["ema"][k], v) for k, v in ckpt["ema"].items())
+    assert load_checkpoint(tmp_path / "raw.safetensors").keys() - export.keys() == {"model"}
+
+    prompts = ["a photo of two red circles", "a photo of a green square"]
+    ones = torch.ones(2, len(ckpt["config"]["reward_names"]))
+
+    def images(path, ema=True):
+        _, _, model, tokenizer, _ = sample.open_checkpoint(path, ema=ema)
+        return generate(model, tokenizer, prompts, ones, 0 * ones, cfg=2.0, steps=3, seed=0)
+
+    reference = images(run)
+    assert torch.equal(images(exported), reference)
+    assert (images(tmp_path / "bf16" / "m.safetensors") - reference).abs().max() < 0.05
+    assert torch.equal(images(tmp_path / "raw.safetensors", ema=False), images(run, ema=False))
+    with pytest.raises(ValueError, match="holds the raw weights only, not the EMA"):
+        sample.open_checkpoint(tmp_path / "raw.safetensors")
+    with pytest.raises(ValueError, match="holds the EMA weights only"):
+        sample.open_checkpoint(exported, ema=False)
+    with pytest.raises(SystemExit):  # an export holds no training state to resume
+        train.main(["--resume", str(exported)])
+    assert "not a train.py checkpoint" in capsys.readouterr().err
+
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    (tmp_path / "torn.safetensors").write_bytes(exported.read_bytes()[:100])
+    for name, message in [("foreign", "not a MIRO export"), ("torn", "cannot read")]:
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(tmp_path / f"{name}.safetensors")
+    for flags, message in [(["--out", "x.pt"], "the export is a .safetensors file"),
+                           (["--ckpt", str(exported), "--weights", "model"], "holds the EMA weights only")]:
+        with pytest.raises(SystemExit):
+            M.main(["export", "--ckpt", str(run), *flags])
+        assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_prompts_file_drops_a_byte_order_mark(tmp_path):
