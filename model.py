@@ -597,12 +597,13 @@ def _load_exported(path):
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework="pt") as f:
-            metadata, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+            metadata = f.metadata() or {}
+            if metadata.get("format") != EXPORT_FORMAT:  # before reading a foreign file's tensors
+                raise ValueError(f"{path}: not a MIRO export (model.py export writes them; this file's metadata "
+                                 f"has format {metadata.get('format')!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {path} (truncated, or not safetensors): {e}") from None
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a MIRO export (model.py export writes them; this file's metadata has "
-                         f"format {metadata.get('format')!r})")
     ckpt = {key: json.loads(metadata[key]) for key in EXPORT_ENTRIES if key in metadata}
     for name, t in tensors.items():
         weights, _, param = name.partition(".")
