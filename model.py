@@ -554,7 +554,7 @@ def load_checkpoint(path, miro=True):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if miro and path.suffix == ".safetensors":
+    if miro and _is_safetensors(path):  # whatever its name
         return _load_exported(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -571,7 +571,8 @@ def load_checkpoint(path, miro=True):
 
 # Exported weights (`python model.py export`): one .safetensors file to share a trained model, opened without
 # unpickling anything. The tensors are one weight set, the EMA (default) or the raw weights, stored as "ema." or
-# "model." + parameter name, optionally in bfloat16 / float16 to halve the file (read back as float32). The
+# "model." + parameter name, the parameters optionally in bfloat16 / float16 to halve the file (read back as float32;
+# the buffers, fixed Fourier frequencies and positions that the model computes with in float32, stay float32). The
 # header's metadata holds, as JSON strings, every other entry that sampling and evaluation read; load_checkpoint
 # returns the same dict as from a ckpt.pt, less the training state, so sample.py and evaluate.py take either file.
 EXPORT_FORMAT = "miro-weights-v1"
@@ -585,11 +586,19 @@ def export_weights(ckpt, path, weights="ema", dtype=torch.float32):
     from data import _atomic_write
     if weights not in ("ema", "model") or weights not in ckpt:
         raise ValueError(f"the checkpoint holds no {weights!r} weights")
-    tensors = {f"{weights}.{name}": (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    with torch.device("meta"):
+        buffers = {name for name, _ in MIRO(ModelConfig(**ckpt["config"])).named_buffers()}
+    tensors = {f"{weights}.{name}": (t.to(dtype) if t.is_floating_point() and name not in buffers else t).contiguous()
                for name, t in ckpt[weights].items()}
     metadata = {"format": EXPORT_FORMAT, "dtype": str(dtype).removeprefix("torch."),
                 **{key: json.dumps(ckpt[key]) for key in EXPORT_ENTRIES if key in ckpt}}
     _atomic_write(Path(path), lambda f: f.write(save(tensors, metadata)))
+
+
+def _is_safetensors(path):
+    """Whether the file starts as safetensors do: an 8-byte header length, then the JSON header's "{"."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
 
 
 def _load_exported(path):
@@ -619,8 +628,9 @@ def model_from_checkpoint(ckpt, ema=True):
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint has no valid model config: {e}") from e
     if ("ema" if ema else "model") not in ckpt and ("model" if ema else "ema") in ckpt:  # an export holds one set
-        raise ValueError("this export holds the raw weights only, not the EMA (sample.py --no-ema uses them)" if ema
-                         else "this export holds the EMA weights only (model.py export --weights model writes the raw)")
+        raise ValueError("this checkpoint holds the raw weights only, not the EMA (sample.py --no-ema samples them)"
+                         if ema else "this checkpoint holds the EMA weights only (model.py export --weights model "
+                                     "exports the raw ones)")
     missing = [k for k in ("ema" if ema else "model", "tokenizer") if k not in ckpt]
     if missing:
         raise ValueError(f"not a MIRO checkpoint: no {', '.join(missing)}")
@@ -1193,8 +1203,9 @@ def export(args):
     evaluate.py --ckpt take it like the run's ckpt.pt."""
     path = Path(args.ckpt)
     path = path / "ckpt.pt" if path.is_dir() else path
-    out = Path(args.out) if args.out else path.parent / f"{path.parent.name}.safetensors"
     ckpt = load_checkpoint(path)
+    name = f"{path.resolve().parent.name}_step{ckpt.get('step', 0):07d}.safetensors"  # e.g. miro_step0001400
+    out = Path(args.out) if args.out else path.parent / name
     model_from_checkpoint(ckpt, ema=args.weights == "ema")  # refuse what would not load back
     out.parent.mkdir(parents=True, exist_ok=True)
     export_weights(ckpt, out, args.weights, getattr(torch, args.dtype))
@@ -1234,7 +1245,7 @@ def main(argv=None):
     p = sub.add_parser("export", help="write a run's weights as one .safetensors file to share",
                        description=export.__doc__)
     p.add_argument("--ckpt", required=True, help="a run folder or checkpoint file")
-    p.add_argument("--out", default=None, help="output file (default: RUN/RUN_NAME.safetensors)")
+    p.add_argument("--out", default=None, help="output file (default: RUN/NAME_stepSTEP.safetensors)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="the EMA weights (what sample.py uses) or the raw ones")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

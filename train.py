@@ -119,9 +119,9 @@ def make_optimizer(model, lr, weight_decay, device):
 def load_optimizer_state(optimizer, state):
     """Load a checkpoint's optimizer state but keep this run's implementation: torch would take fused or not from
     the checkpoint (a run started on a GPU and resumed on a CPU, or the reverse, would keep the other device's)."""
-    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
-        saved.update(fused=group["fused"], foreach=group["foreach"])
-    optimizer.load_state_dict(state)
+    groups = [{**saved, "fused": group["fused"], "foreach": group["foreach"]}
+              for group, saved in zip(optimizer.param_groups, state["param_groups"])]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 @torch.no_grad()

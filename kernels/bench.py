@@ -156,12 +156,12 @@ def bench_ops(device, variants, sizes, dtype, copy_gbps):
 # Training step
 
 def make_step(preset, batch, device, bf16, compile):
-    """One training step (forward, backward, gradient clipping, AdamW, EMA) of `preset` on fixed random inputs, as
-    train.py runs it."""
+    """One training step (forward, backward, gradient clipping, finiteness check, AdamW, EMA) of `preset` on fixed
+    random inputs, as train.py runs it."""
     import copy
 
     from model import MIRO, get_config
-    from train import flow_matching_loss, make_optimizer, update_ema
+    from train import TrainConfig, flow_matching_loss, make_optimizer, update_ema
     torch.manual_seed(0)
     cfg = get_config(preset)
     with torch.device(device):  # initialised in place: seconds saved per variant for the 0.36B paper model
@@ -181,9 +181,10 @@ def make_step(preset, batch, device, bf16, compile):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = flow_matching_loss(forward, x0, t, noise, **condition)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        update_ema(ema, model, 0.9999)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), TrainConfig.grad_clip)
+        if torch.isfinite(torch.stack([loss.detach(), grad_norm])).all().item():  # train.py's NaN check: a host sync
+            optimizer.step()
+            update_ema(ema, model, 0.9999)
         optimizer.zero_grad(set_to_none=True)
 
     return model, step

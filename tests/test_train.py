@@ -69,7 +69,6 @@ def test_ema_decay_warm_up():
     assert train.ema_decay(0.999, 100_000) == 0.999
 
 
-
 def test_a_resumed_optimizer_keeps_this_devices_implementation():
     """Fused AdamW on CUDA, the default elsewhere; a checkpoint's state crosses between them (torch alone would
     keep the checkpoint's choice) and continues as the same optimizer would (fused AdamW also runs on a CPU)."""
@@ -96,8 +95,10 @@ def test_a_resumed_optimizer_keeps_this_devices_implementation():
         model, optimizer = pair(resumed_fused)
         model.load_state_dict(weights)
         train.load_optimizer_state(optimizer, state)
+        assert state["param_groups"][0]["fused"] == saved_fused  # the checkpoint's dict is left as it was
         assert bool(optimizer.param_groups[0]["fused"]) == resumed_fused
         assert torch.allclose(trained(optimizer, model, 2, seed=1), reference, atol=1e-6)
+
 
 def test_resume_continues_identically(tiny_runs, tmp_path):
     """8 steps straight == 4 steps, a restart from the step-4 checkpoint, 4 more steps."""
