@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import data
 import rewards
 import train
+from model import uses_bf16
 from sample import as_saved, generate, open_checkpoint, parse_reward_targets, to_uint8
 
 SEED_STRIDE = data.SEED_STRIDE  # image i of an evaluation with --seed s: noise from seed s * SEED_STRIDE + i
@@ -408,11 +409,12 @@ class Judges:
 
 @torch.no_grad()
 def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50, seed=0, device="cpu",
-                     batch_size=64, on_images=None, vae=None, neg_prompt=None) -> list[dict]:
+                     batch_size=64, on_images=None, vae=None, neg_prompt=None, bf16=False) -> list[dict]:
     """Generate and judge this rank's share of `items` (image i with its own noise seed), then gather: returns
     one row per item, identical on every rank. on_images(indices, images in [-1, 1]) sees each local batch. The
     images are judged (and seen) as written to PNG, on 8-bit levels, so a saved folder rescored gives the same.
-    neg_prompt: the negative branch's caption for every image (None: sample.generate's default)."""
+    neg_prompt: the negative branch's caption for every image (None: sample.generate's default); bf16: generate under
+    bf16 autocast."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(items), world_size))
     local = {}
@@ -424,7 +426,7 @@ def sample_and_judge(model, text_encoder, items, pos, neg, cfg, judges, steps=50
         images = as_saved(generate(model, text_encoder, [it["prompt"] for it in batch], pos_n, neg_n,
                                    None if neg_prompt is None else [neg_prompt] * n, cfg=cfg, steps=steps,
                                    device=device, batch_size=batch_size, seeds=[seed * SEED_STRIDE + i for i in idx],
-                                   vae=vae))
+                                   vae=vae, bf16=bf16))
         if on_images is not None:
             on_images(idx, images)
         local.update(zip(idx, judges((images + 1) / 2, batch)))
@@ -655,7 +657,8 @@ class Context:
         return sample_and_judge(self.model, self.text_encoder, items, pos, self.neg,
                                 self.cfg if cfg is None else cfg, judges, steps=a.steps, seed=a.seed, device=a.device,
                                 batch_size=a.batch_size, on_images=on_images, vae=self.vae,
-                                neg_prompt=getattr(a, "neg_prompt", None))  # convergence has none
+                                neg_prompt=getattr(a, "neg_prompt", None),  # convergence has none
+                                bf16=uses_bf16(a.precision, a.device))
 
 
 def not_written_by_geneval(folder: Path) -> list[str]:
@@ -1050,7 +1053,8 @@ def cmd_convergence(args, _ctx=None):
     evaluation = {"version": EVALUATION_VERSION, "seed": args.seed, "sample_steps": args.steps,
                   "n_per_prompt": args.n_per_prompt, "min_per_task": args.min_per_task, "cfg": args.cfg,
                   "judges": judges, "reward_options": args.reward_options, "detector": args.detector,
-                  "detector_options": args.detector_options}
+                  "detector_options": args.detector_options,
+                  **({"bf16": True} if uses_bf16(args.precision, args.device) else {})}  # (fp32: as older folders)
     check_convergence_settings(out, {name: [*common, *flags] for name, flags in runs.items()}, evaluation)
     t0 = time.time()
     args.reward_options = {**args.reward_options, **prepare_convergence_data(condition, judges)}
@@ -1161,6 +1165,8 @@ def parse_args(argv=None):
                        help="an option for the mask2former detector (a GenEvalDetectorConfig field), e.g. "
                             "mask2former=DIR or clip=DIR for local copies (repeatable)")
         s.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the checkpoint's)")
+        s.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                       help="the generator in fp32 or under bf16 autocast; default bf16 on CUDA, fp32 elsewhere")
         if name == "convergence":  # its judges are the built-in rewards and --condition; its targets all 1
             s.add_argument("--quick", action="store_true", help="baseline and MIRO only, 400 steps: a few minutes")
             s.add_argument("--train-steps", type=int, default=None,

@@ -442,6 +442,13 @@ class MIRO(nn.Module):
         return 2 * macs
 
 
+def uses_bf16(precision, device):
+    """Whether the generator runs under bfloat16 autocast, for --precision bf16|fp32 or None (the default: bf16 on
+    CUDA, whose tensor cores it is made for, fp32 elsewhere). Weights, optimizer and the sampler's integration stay
+    float32 either way; training, sampling and evaluation share the rule."""
+    return (precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")) == "bf16"
+
+
 def count_parameters(module):
     """Number of parameters (buffers such as the Fourier frequencies excluded)."""
     return sum(p.numel() for p in module.parameters())

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from data import seed_arg
-from model import WordTokenizer, load_checkpoint, load_frozen, model_from_checkpoint, trim_padding
+from model import WordTokenizer, load_checkpoint, load_frozen, model_from_checkpoint, trim_padding, uses_bf16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def euler_sample(velocity, noise, steps=50):
 
 @torch.no_grad()
 def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, neg_prompts=None, cfg=3.0,
-             steps=50, seed=0, device="cpu", batch_size=64, seeds=None, vae=None):
+             steps=50, seed=0, device="cpu", batch_size=64, seeds=None, vae=None, bf16=False):
     """Sample one image per prompt; returns float images (N, 3, H, W) in [-1, 1] on the CPU.
 
     text_encoder: captions -> (text, mask), the checkpoint's WordTokenizer or its frozen encoder (model.load_frozen);
@@ -56,6 +56,7 @@ def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, n
     through the network as one batched forward; the condition sequence is encoded once and reused at every step.
     seeds: one noise seed per image (image i then does not depend on which other images share its call: sharded
     evaluation reproduces one process); by default all noise comes from one generator seeded with `seed`.
+    bf16: the network runs under bfloat16 autocast (model.uses_bf16); the guidance and the Euler steps stay float32.
     """
     cfg_model = model.cfg
     n = len(prompts)
@@ -66,6 +67,7 @@ def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, n
         noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     else:
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     images = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
@@ -75,10 +77,13 @@ def generate(model, text_encoder, prompts, rewards_pos=None, rewards_neg=None, n
         rewards = None
         if cfg_model.reward_names:
             rewards = torch.cat([rewards_pos[lo:hi], rewards_neg[lo:hi]]).to(device)
-        cond, cond_mask = model.encode_condition(text.to(device), mask.to(device), rewards)
+        with autocast:
+            cond, cond_mask = model.encode_condition(text.to(device), mask.to(device), rewards)
 
         def velocity(x, t):
-            v_pos, v_neg = model.denoise(torch.cat([x, x]), torch.cat([t, t]), cond, cond_mask).float().chunk(2)
+            with autocast:
+                v = model.denoise(torch.cat([x, x]), torch.cat([t, t]), cond, cond_mask)
+            v_pos, v_neg = v.float().chunk(2)
             return cfg_combine(v_pos, v_neg, cfg)
 
         x = euler_sample(velocity, noise[lo:hi].to(device), steps)
@@ -213,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", default=None, help="output PNG grid (default: RUN/samples/<prompt>.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="the network in fp32 or under bf16 autocast; default bf16 on CUDA, fp32 elsewhere")
     args = p.parse_args(argv)
     if args.steps <= 0:
         p.error("--steps must be > 0")
@@ -268,7 +275,8 @@ def main(argv=None):
     prompts = [p for p in args.prompt for _ in range(args.n * args.best_of)]
     neg_prompts = None if args.neg_prompt is None else [args.neg_prompt] * len(prompts)
     images = generate(model, text_encoder, prompts, pos.expand(len(prompts), -1), neg.expand(len(prompts), -1),
-                      neg_prompts, cfg=cfg, steps=args.steps, seed=args.seed, device=args.device, vae=vae)
+                      neg_prompts, cfg=cfg, steps=args.steps, seed=args.seed, device=args.device, vae=vae,
+                      bf16=uses_bf16(args.precision, args.device))
     if reward is not None:
         per_image = [p for p in args.prompt for _ in range(args.n)]
         images, _ = best_of_n(images.view(len(per_image), args.best_of, *images.shape[1:]), per_image, reward)

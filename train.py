@@ -49,7 +49,7 @@ import kernels
 import rewards
 from model import (EMPTY_CAPTION_KEY, MIRO, PRESETS, CacheMiss, LatentCache, ModelConfig, TextEmbeddingCache,
                    WordTokenizer, adapt_config, add_frozen_args, count_parameters, frozen_spec, get_config,
-                   key_generator, load_checkpoint, load_frozen, save_checkpoint, trim_padding)
+                   key_generator, load_checkpoint, load_frozen, save_checkpoint, trim_padding, uses_bf16)
 from sample import generate, save_grid
 
 
@@ -619,7 +619,7 @@ def main(argv=None):
     if tc.batch_size % micro_batches:
         parser.error(f"--batch-size {tc.batch_size} must be divisible by world size x grad accum = {micro_batches}")
     micro_batch = tc.batch_size // micro_batches
-    use_bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    use_bf16 = uses_bf16(args.precision, device)
     kernels.set_impl(args.kernels)
     try:
         kernels_used = kernels.describe(device)  # builds the CUDA kernels once per machine (others wait)
@@ -765,7 +765,7 @@ def main(argv=None):
         n = len(preview_prompts)
         ones = torch.ones(n, len(model_cfg.reward_names))
         images = generate(ema, text_encoder or tokenizer, preview_prompts, ones, torch.zeros_like(ones), cfg=tc.cfg,
-                          steps=50, seed=0, device=device, vae=vae)
+                          steps=50, seed=0, device=device, vae=vae, bf16=use_bf16)
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", ncols=n)
 
     # --- the loop ---

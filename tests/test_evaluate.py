@@ -410,6 +410,23 @@ def test_outputs_record_the_settings_behind_their_numbers(tiny_runs, tmp_path):
     assert not {"command", "rank", "reward_option"} & set(settings)
 
 
+def test_precision_reaches_the_generator(tiny_runs, tmp_path, monkeypatch):
+    """--precision bf16 samples under bf16 autocast (the default on CUDA), recorded with the numbers."""
+    seen = []
+    monkeypatch.setattr(evaluate, "generate", (lambda f: lambda *a, **k: seen.append(k["bf16"]) or f(*a, **k))(
+        evaluate.generate))
+    means = {}
+    for precision in ([], ["--precision", "bf16"]):
+        out = tmp_path / (precision[-1] if precision else "default")
+        evaluate.main(["rewards", "--ckpt", str(tiny_runs / "miro"), "--steps", "2", "--n-per-prompt", "1",
+                       "--min-per-task", "0", "--judge-rewards", "contrast", "--out", str(out), *precision])
+        result = json.loads((out / "rewards.json").read_text())
+        means[out.name] = result["rewards"]["contrast"]["mean"]
+        assert result["settings"]["precision"] == (precision[-1] if precision else None)
+    assert seen and seen == [False] * (len(seen) // 2) + [True] * (len(seen) // 2)  # CPU default: fp32
+    assert abs(means["bf16"] - means["default"]) < 0.05
+
+
 def test_every_image_of_an_evaluation_has_its_own_noise_seed(tiny_runs):
     """Images of one prompt differ (diversity > 0), and image i is generated from seed * SEED_STRIDE + i whatever
     batch it falls in."""

@@ -104,6 +104,26 @@ def test_same_seed_same_images_and_one_forward_per_step(tiny_runs):
     assert not torch.allclose(a, d)  # the negative reward targets change the guided images
 
 
+def test_bf16_runs_the_network_under_autocast_and_integrates_in_float32(tiny_runs):
+    """sample.py, evaluate.py and train.py's previews share model.uses_bf16: bf16 autocast by default on CUDA only."""
+    from model import uses_bf16
+    assert uses_bf16(None, "cuda:1") and not uses_bf16(None, "cpu") and not uses_bf16("fp32", "cuda")
+    assert uses_bf16("bf16", torch.device("cpu"))
+    model, tokenizer = model_from_checkpoint(load_checkpoint(tiny_runs / "miro" / "ckpt.pt"))
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    dtypes = []
+    model.denoise = (lambda f: lambda *a: (lambda v: dtypes.append(v.dtype) or v)(f(*a)))(model.denoise)
+    prompts, R = ["a photo of a red circle", "a photo of two blue squares"], len(model.cfg.reward_names)
+    pos, neg = torch.ones(2, R), torch.zeros(2, R)
+    fp32 = generate(model, tokenizer, prompts, pos, neg, cfg=2.0, steps=5, seed=3)
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = generate(model, tokenizer, prompts, pos, neg, cfg=2.0, steps=5, seed=3, bf16=True)
+    assert set(dtypes) == {torch.bfloat16} and bf16.dtype == torch.float32
+    assert 0 < (bf16 - fp32).abs().max() < 0.1
+
+
 def test_best_of_n_keeps_the_highest_reward():
     candidates = torch.linspace(-1, 1, 6).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2)
 
@@ -126,7 +146,7 @@ def test_cli_writes_grid_and_single_images(tiny_runs, tmp_path):
     (tmp_path / "grid" / "0007.png").write_bytes(b"")  # an earlier, larger call's: removed, not mixed in
     result = run_sample("--ckpt", str(tiny_runs / "miro"), "--prompt", "a photo of two red circles", "--n", "2",
                         "--steps", "3", "--rewards", "alignment=1", "--best-of", "2", "--select-by", "alignment",
-                        "--out", str(out))
+                        "--precision", "bf16", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert out.exists() and sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["0000.png", "0001.png"]
 
