@@ -419,7 +419,7 @@ class ModelInputs:
             ids, mask = self.tokenizer([c if k else "" for c, k in zip(captions, keep)])
         elif self.text_cache is not None:
             keys = [data.text_key(*s, c) if k else EMPTY_CAPTION_KEY for s, c, k in zip(sources, captions, keep)]
-            ids, mask = trim_padding(*self._read(self.text_cache, keys))
+            ids, mask = self._read(self.text_cache, keys, trim=True)
         else:
             ids, mask = trim_padding(*self.text_encoder([c if k else "" for c, k in zip(captions, keep)]))
         return ids.to(self.device), mask.to(self.device)
@@ -434,9 +434,9 @@ class ModelInputs:
         return self.vae.encode(images, [key_generator(key, self.seed) for key in keys])
 
     @staticmethod
-    def _read(cache, keys):
+    def _read(cache, keys, **options):
         try:
-            return cache(keys)
+            return cache(keys, **options)
         except CacheMiss as e:  # hours into a run: say what is wrong, not where
             raise SystemExit(f"error: {e} (the run stops; its last checkpoint is kept)") from None
 

@@ -148,6 +148,10 @@ def test_text_cache_equals_on_the_fly_and_resumes(t5, tmp_path):
     # fp16 storage; float32 features differ in their last bits between batches padded to other lengths (other
     # matmul shapes), so not even the fp16 rounding is bit-identical
     torch.testing.assert_close(features, expected, rtol=2e-3, atol=1e-3)
+    for batch in (keys, [M.EMPTY_CAPTION_KEY, "k1"], [M.EMPTY_CAPTION_KEY]):  # training's reads: trim_padding's
+        trimmed = cache(batch, trim=True)                                   # cut, never built at full width
+        assert all(torch.equal(a, b) for a, b in zip(trimmed, M.trim_padding(*cache(batch))))
+    assert trimmed[0].shape[1] < cache.max_length and trimmed[0].is_contiguous()
     # Resume: a lost chunk (and a torn .tmp) is redone, nothing else; a stale index is refused until merged.
     lost = sorted(root.glob("chunk-2x0001-*.safetensors"))[-1]
     lost_keys = M._chunk_keys(lost)
