@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -131,6 +132,26 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+class InlineExecutor(Executor):
+    """An executor that runs each call at once, in the caller's thread (its exceptions leave from submit)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def step_ahead(device):
+    """Where the training loop prepares its next step (reads caches, draws noise, copies to the device). On CUDA a
+    background thread, so that this overlaps the current step instead of idling the GPU after the step's sync
+    (60-80 ms to read 128 FLAN-T5-XL captions from a text cache and ~30 ms to draw a 1024 batch's noise, on one
+    core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores)."""
+    if torch.device(device).type != "cuda":
+        return InlineExecutor()
+    # the thread's current device is the rank's, as the main thread's (CUDA keeps one per thread)
+    return ThreadPoolExecutor(max_workers=1, initializer=torch.cuda.set_device, initargs=(device,))
 
 
 def ema_decay(decay, step):
@@ -795,28 +816,40 @@ def main(argv=None):
                 f"real captions need --text-encoder t5 or clip")
     model_shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)  # pixels or latents
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
+
+    def prepare(step):
+        """Step `step`'s micro-batches on the device: (x0, t, noise, condition) each. On a GPU it runs a step ahead
+        (step_ahead), so it reads only the data, `step` and the frozen encoders, never the model."""
+        images, captions, reward_batch, sources = next(batches)
+        t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
+            args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
+        images = inputs.images(images, sources)
+        micro_batches = []
+        for micro in range(tc.grad_accum):
+            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            text, mask = inputs.text(captions[part], sources[part], keep_text[part])
+            condition = {"text": text, "text_mask": mask}
+            if model_cfg.reward_names:
+                condition["rewards"] = reward_batch[part].to(device)
+                if tc.reward_dropout > 0:
+                    condition["drop_rewards"] = drop_rewards[part].to(device)
+            micro_batches.append((images[part].to(device), t[part].to(device), noise[part].to(device), condition))
+        return micro_batches
+
     model.train()
-    with stop_requests() as stop:
+    with stop_requests() as stop, step_ahead(device) as ahead:
+        next_step = ahead.submit(prepare, step)
         while step < tc.steps:
-            images, captions, reward_batch, sources = next(batches)
-            t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
-                args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
-            images = inputs.images(images, sources)
+            micro_batches = next_step.result()  # re-raises whatever stopped the preparation
+            if step + 1 < tc.steps:
+                next_step = ahead.submit(prepare, step + 1)
             step_loss = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-                text, mask = inputs.text(captions[part], sources[part], keep_text[part])
-                forward_flops += flops_per_image(text.shape[1]) * micro_batch  # trimmed captions cost less
-                condition = {"text": text, "text_mask": mask}
-                if model_cfg.reward_names:
-                    condition["rewards"] = reward_batch[part].to(device)
-                    if tc.reward_dropout > 0:
-                        condition["drop_rewards"] = drop_rewards[part].to(device)
+            for micro, (x0, t, noise, condition) in enumerate(micro_batches):
+                forward_flops += flops_per_image(condition["text"].shape[1]) * micro_batch  # trimmed captions: less
                 sync = not distributed or micro == tc.grad_accum - 1
                 with train_model.no_sync() if not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = flow_matching_loss(train_model, images[part].to(device), t[part].to(device),
-                                                  noise[part].to(device), **condition)
+                        loss = flow_matching_loss(train_model, x0, t, noise, **condition)
                     (loss / tc.grad_accum).backward()
                 step_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

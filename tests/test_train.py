@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,30 @@ def test_resume_continues_identically(tiny_runs, tmp_path):
             assert torch.equal(value, again[key][name]), f"{key}.{name} differs after resume"
     mid = load_checkpoint(straight / "ckpt_0000004.pt")
     assert any(not torch.equal(v, final["model"][k]) for k, v in mid["model"].items())  # training moved them
+
+
+def test_the_next_step_prepared_in_a_thread_trains_the_same_run(tiny_runs, tmp_path, monkeypatch):
+    """On CUDA the loop prepares step k + 1 in a background thread while step k runs; on a CPU in line. Forced onto
+    the thread here (and resumed mid-run), the run's weights are those of the run prepared in line."""
+    from concurrent.futures import ThreadPoolExecutor
+    assert isinstance(train.step_ahead("cuda:3"), ThreadPoolExecutor)
+    assert isinstance(train.step_ahead("cpu"), train.InlineExecutor)
+    threads = set()
+
+    class Ahead(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            return super().submit(lambda *a: threads.add(threading.get_ident()) or fn(*a), *args)
+
+    monkeypatch.setattr(train, "step_ahead", lambda device: Ahead(max_workers=1))
+    resumed = tmp_path / "runs" / "miro"
+    resumed.mkdir(parents=True)
+    shutil.copy(tiny_runs / "miro" / "ckpt_0000004.pt", resumed / "ckpt.pt")
+    train.main(tiny_train_args(tmp_path / "runs", "--resume", str(resumed)))
+    assert threads and threading.get_ident() not in threads
+    final, again = load_checkpoint(tiny_runs / "miro" / "ckpt.pt"), load_checkpoint(resumed / "ckpt.pt")
+    assert again["step"] == 8
+    for key in ("model", "ema"):
+        assert all(torch.equal(value, again[key][name]) for name, value in final[key].items()), key
 
 
 def test_resume_alone_continues_the_run_as_trained(tiny_runs, tmp_path, capsys):
