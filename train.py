@@ -143,12 +143,14 @@ class InlineExecutor(Executor):
         return future
 
 
-def step_ahead(device):
+def step_ahead(device, host_only=True):
     """Where the training loop prepares its next step (reads caches, draws noise, copies to the device). On CUDA a
     background thread, so that this overlaps the current step instead of idling the GPU after the step's sync
     (60-80 ms to read 128 FLAN-T5-XL captions from a text cache and ~30 ms to draw a 1024 batch's noise, on one
-    core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores)."""
-    if torch.device(device).type != "cuda":
+    core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores).
+    Also in line when the preparation runs a frozen encoder on the GPU (host_only=False: no --text-cache or
+    --latent-cache): it would share the GPU with the step anyway, and add its activations to the step's peak."""
+    if torch.device(device).type != "cuda" or not host_only:
         return InlineExecutor()
     # the thread's current device is the rank's, as the main thread's (CUDA keeps one per thread)
     return ThreadPoolExecutor(max_workers=1, initializer=torch.cuda.set_device, initargs=(device,))
@@ -837,7 +839,9 @@ def main(argv=None):
         return micro_batches
 
     model.train()
-    with stop_requests() as stop, step_ahead(device) as ahead:
+    encoders_on_the_fly = (text_encoder is not None and inputs.text_cache is None) or \
+        (vae is not None and inputs.latent_cache is None)
+    with stop_requests() as stop, step_ahead(device, host_only=not encoders_on_the_fly) as ahead:
         next_step = ahead.submit(prepare, step)
         while step < tc.steps:
             micro_batches = next_step.result()  # re-raises whatever stopped the preparation

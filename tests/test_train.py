@@ -127,13 +127,14 @@ def test_the_next_step_prepared_in_a_thread_trains_the_same_run(tiny_runs, tmp_p
     from concurrent.futures import ThreadPoolExecutor
     assert isinstance(train.step_ahead("cuda:3"), ThreadPoolExecutor)
     assert isinstance(train.step_ahead("cpu"), train.InlineExecutor)
+    assert isinstance(train.step_ahead("cuda", host_only=False), train.InlineExecutor)  # a frozen encoder runs
     threads = set()
 
     class Ahead(ThreadPoolExecutor):
         def submit(self, fn, *args):
             return super().submit(lambda *a: threads.add(threading.get_ident()) or fn(*a), *args)
 
-    monkeypatch.setattr(train, "step_ahead", lambda device: Ahead(max_workers=1))
+    monkeypatch.setattr(train, "step_ahead", lambda device, host_only: Ahead(max_workers=1))
     resumed = tmp_path / "runs" / "miro"
     resumed.mkdir(parents=True)
     shutil.copy(tiny_runs / "miro" / "ckpt_0000004.pt", resumed / "ckpt.pt")
