@@ -35,10 +35,11 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -134,26 +135,38 @@ def update_ema(ema, model, decay):
         b_ema.copy_(b)
 
 
-class InlineExecutor(Executor):
-    """An executor that runs each call at once, in the caller's thread (its exceptions leave from submit)."""
+class InLine:
+    """step_ahead's stand-in for a thread: each call runs when its result is asked for, in the caller's thread."""
 
-    def submit(self, fn, /, *args, **kwargs):
-        future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
+    def submit(self, fn, *args):
+        return SimpleNamespace(result=functools.partial(fn, *args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def step_ahead(device, host_only=True):
-    """Where the training loop prepares its next step (reads caches, draws noise, copies to the device). On CUDA a
+    """Where the training loop prepares its next step (reads caches, draws noise, pins the batch). On CUDA a
     background thread, so that this overlaps the current step instead of idling the GPU after the step's sync
     (60-80 ms to read 128 FLAN-T5-XL captions from a text cache and ~30 ms to draw a 1024 batch's noise, on one
     core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores).
     Also in line when the preparation runs a frozen encoder on the GPU (host_only=False: no --text-cache or
     --latent-cache): it would share the GPU with the step anyway, and add its activations to the step's peak."""
-    if torch.device(device).type != "cuda" or not host_only:
-        return InlineExecutor()
+    device = torch.device(device)
+    if device.type != "cuda" or not host_only:
+        return InLine()
     # the thread's current device is the rank's, as the main thread's (CUDA keeps one per thread)
-    return ThreadPoolExecutor(max_workers=1, initializer=torch.cuda.set_device, initargs=(device,))
+    return ThreadPoolExecutor(max_workers=1, initializer=torch.cuda.set_device,
+                              initargs=(torch.device("cuda", device.index or 0),))
+
+
+def to_device(batch, device):
+    """A tuple of tensors and dicts of tensors on `device`; copies from pinned host memory do not block the host."""
+    move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+    return tuple({k: move(v) for k, v in x.items()} if isinstance(x, dict) else move(x) for x in batch)
 
 
 def ema_decay(decay, step):
@@ -410,9 +423,9 @@ class ModelInputs:
     with a larger --min-image-size than the run's, which would lack the small images, is refused at the start.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, device, seed=0, text_cache=None, latent_cache=None,
+    def __init__(self, tokenizer, text_encoder, vae, seed=0, text_cache=None, latent_cache=None,
                  image_size=None, min_image_size=0, data_identity=None):
-        self.tokenizer, self.text_encoder, self.vae, self.device, self.seed = tokenizer, text_encoder, vae, device, seed
+        self.tokenizer, self.text_encoder, self.vae, self.seed = tokenizer, text_encoder, vae, seed
         self.text_cache = TextEmbeddingCache(text_cache) if text_cache else None
         self.latent_cache = LatentCache(latent_cache) if latent_cache else None
         if self.text_cache and (self.text_cache.name, self.text_cache.max_length) != (text_encoder.name,
@@ -436,7 +449,8 @@ class ModelInputs:
                              f"{min_image_size}")
 
     def text(self, captions, sources, keep):
-        """(text, mask) on the device for captions (list), their (key, field) sources and keep flags (bool (B,))."""
+        """(text, mask) for captions (list), their (key, field) sources and keep flags (bool (B,)): on the host, or
+        on the device where a frozen encoder made them."""
         keep = keep.tolist()
         if self.text_encoder is None:
             ids, mask = self.tokenizer([c if k else "" for c, k in zip(captions, keep)])
@@ -445,7 +459,7 @@ class ModelInputs:
             ids, mask = self._read(self.text_cache, keys, trim=True)
         else:
             ids, mask = trim_padding(*self.text_encoder([c if k else "" for c, k in zip(captions, keep)]))
-        return ids.to(self.device), mask.to(self.device)
+        return ids, mask
 
     def images(self, images, sources):
         """x0 for pixel images (B, 3, S, S) in [-1, 1]: the images, or their normalised latents."""
@@ -689,7 +703,7 @@ def main(argv=None):
     if text_encoder is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
     try:
-        inputs = ModelInputs(tokenizer, text_encoder, vae, device, args.seed, args.text_cache, args.latent_cache,
+        inputs = ModelInputs(tokenizer, text_encoder, vae, args.seed, args.text_cache, args.latent_cache,
                              pixel_size, args.min_image_size, data.dataset_identity(data_dir))
     except (OSError, ValueError) as e:
         parser.error(str(e))
@@ -820,8 +834,9 @@ def main(argv=None):
     mine = torch.arange(tc.batch_size)[rank::world_size]  # this rank's positions in the global batch
 
     def prepare(step):
-        """Step `step`'s micro-batches on the device: (x0, t, noise, condition) each. On a GPU it runs a step ahead
-        (step_ahead), so it reads only the data, `step` and the frozen encoders, never the model."""
+        """Step `step`'s micro-batches (x0, t, noise, condition), on the host (pinned on CUDA, for asynchronous
+        copies) or, made by a frozen encoder, on the device. On a GPU it runs a step ahead (step_ahead), so it reads
+        only the data, `step` and the frozen encoders, never the model."""
         images, captions, reward_batch, sources = next(batches)
         t, noise, keep_text, drop_rewards = (x[mine] for x in step_draws(
             args.seed, step, tc.batch_size, model_shape, len(model_cfg.reward_names), tc))
@@ -832,23 +847,27 @@ def main(argv=None):
             text, mask = inputs.text(captions[part], sources[part], keep_text[part])
             condition = {"text": text, "text_mask": mask}
             if model_cfg.reward_names:
-                condition["rewards"] = reward_batch[part].to(device)
+                condition["rewards"] = reward_batch[part]
                 if tc.reward_dropout > 0:
-                    condition["drop_rewards"] = drop_rewards[part].to(device)
-            micro_batches.append((images[part].to(device), t[part].to(device), noise[part].to(device), condition))
-        return micro_batches
+                    condition["drop_rewards"] = drop_rewards[part]
+            micro_batches.append((images[part], t[part], noise[part], condition))
+        if device.type != "cuda":
+            return micro_batches
+        pin = lambda x: x.pin_memory() if x.device.type == "cpu" else x  # noqa: E731
+        return [(*map(pin, batch[:3]), {k: pin(v) for k, v in batch[3].items()}) for batch in micro_batches]
 
     model.train()
     encoders_on_the_fly = (text_encoder is not None and inputs.text_cache is None) or \
         (vae is not None and inputs.latent_cache is None)
     with stop_requests() as stop, step_ahead(device, host_only=not encoders_on_the_fly) as ahead:
-        next_step = ahead.submit(prepare, step)
+        next_step = ahead.submit(prepare, step) if step < tc.steps else None
         while step < tc.steps:
             micro_batches = next_step.result()  # re-raises whatever stopped the preparation
             if step + 1 < tc.steps:
                 next_step = ahead.submit(prepare, step + 1)
             step_loss = torch.zeros((), device=device)
-            for micro, (x0, t, noise, condition) in enumerate(micro_batches):
+            for micro, batch in enumerate(micro_batches):
+                x0, t, noise, condition = to_device(batch, device)
                 forward_flops += flops_per_image(condition["text"].shape[1]) * micro_batch  # trimmed captions: less
                 sync = not distributed or micro == tc.grad_accum - 1
                 with train_model.no_sync() if not sync else contextlib.nullcontext():

@@ -326,6 +326,7 @@ def main(argv=None):
     if not on_gpu:
         torch.set_num_threads(args.threads)
     if on_gpu:
+        device = torch.device("cuda", device.index or 0)  # "cuda" alone is GPU 0
         torch.cuda.set_device(device)  # CUDA events, graphs and their streams belong to the current device
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -354,10 +354,10 @@ def test_precompute_cli_caches_give_the_training_batch_computed_on_the_fly(t5_di
     images, captions, _, sources = data.collate([data.MiroDataset(samples)[i] for i in (3, 0, 17, 40)])
     keep = torch.tensor([True, False, True, True])
     text_encoder, vae = M.load_frozen(train.frozen_spec("t5", text_flags[3::2], "sdxl", vae_flags[3::2]))
-    live = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0)
-    cached = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0, text_cache=tmp_path / "cache" / "text",
+    live = train.ModelInputs(None, text_encoder, vae, seed=0)
+    cached = train.ModelInputs(None, text_encoder, vae, seed=0, text_cache=tmp_path / "cache" / "text",
                                latent_cache=tmp_path / "cache" / "latents", image_size=32)
-    by_two = train.ModelInputs(None, text_encoder, vae, "cpu", seed=0, text_cache=tmp_path / "two" / "text")
+    by_two = train.ModelInputs(None, text_encoder, vae, seed=0, text_cache=tmp_path / "two" / "text")
     (f, m), (fc, mc), (f2, m2) = (x.text(captions, sources, keep) for x in (live, cached, by_two))
     assert torch.equal(m, mc) and torch.equal(m, m2) and m[1].sum() == 1  # the dropped caption is "" (just </s>)
     torch.testing.assert_close(fc, f, rtol=2e-3, atol=1e-3)

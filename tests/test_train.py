@@ -125,9 +125,9 @@ def test_the_next_step_prepared_in_a_thread_trains_the_same_run(tiny_runs, tmp_p
     """On CUDA the loop prepares step k + 1 in a background thread while step k runs; on a CPU in line. Forced onto
     the thread here (and resumed mid-run), the run's weights are those of the run prepared in line."""
     from concurrent.futures import ThreadPoolExecutor
-    assert isinstance(train.step_ahead("cuda:3"), ThreadPoolExecutor)
-    assert isinstance(train.step_ahead("cpu"), train.InlineExecutor)
-    assert isinstance(train.step_ahead("cuda", host_only=False), train.InlineExecutor)  # a frozen encoder runs
+    assert isinstance(train.step_ahead("cuda"), ThreadPoolExecutor)  # on the rank's device (no GPU to start one)
+    assert isinstance(train.step_ahead("cpu"), train.InLine)
+    assert isinstance(train.step_ahead("cuda", host_only=False), train.InLine)  # a frozen encoder runs
     threads = set()
 
     class Ahead(ThreadPoolExecutor):
