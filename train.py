@@ -163,10 +163,9 @@ def step_ahead(device, host_only=True):
                               initargs=(torch.device("cuda", device.index or 0),))
 
 
-def to_device(batch, device):
-    """A tuple of tensors and dicts of tensors on `device`; copies from pinned host memory do not block the host."""
-    move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-    return tuple({k: move(v) for k, v in x.items()} if isinstance(x, dict) else move(x) for x in batch)
+def map_batch(fn, batch):
+    """fn applied to every tensor of a micro-batch (x0, t, noise, condition dict)."""
+    return tuple({k: fn(v) for k, v in x.items()} if isinstance(x, dict) else fn(x) for x in batch)
 
 
 def ema_decay(decay, step):
@@ -853,8 +852,7 @@ def main(argv=None):
             micro_batches.append((images[part], t[part], noise[part], condition))
         if device.type != "cuda":
             return micro_batches
-        pin = lambda x: x.pin_memory() if x.device.type == "cpu" else x  # noqa: E731
-        return [(*map(pin, batch[:3]), {k: pin(v) for k, v in batch[3].items()}) for batch in micro_batches]
+        return [map_batch(lambda x: x.pin_memory() if x.device.type == "cpu" else x, batch) for batch in micro_batches]
 
     model.train()
     encoders_on_the_fly = (text_encoder is not None and inputs.text_cache is None) or \
@@ -867,7 +865,8 @@ def main(argv=None):
                 next_step = ahead.submit(prepare, step + 1)
             step_loss = torch.zeros((), device=device)
             for micro, batch in enumerate(micro_batches):
-                x0, t, noise, condition = to_device(batch, device)
+                # from pinned host memory the copies are queued on the stream without blocking the host
+                x0, t, noise, condition = map_batch(lambda x: x.to(device, non_blocking=True), batch)
                 forward_flops += flops_per_image(condition["text"].shape[1]) * micro_batch  # trimmed captions: less
                 sync = not distributed or micro == tc.grad_accum - 1
                 with train_model.no_sync() if not sync else contextlib.nullcontext():
