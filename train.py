@@ -151,8 +151,8 @@ class InLine:
 def step_ahead(device, host_only=True):
     """Where the training loop prepares its next step (reads caches, draws noise, pins the batch). On CUDA a
     background thread, so that this overlaps the current step instead of idling the GPU after the step's sync
-    (60-80 ms to read 128 FLAN-T5-XL captions from a text cache and ~30 ms to draw a 1024 batch's noise, on one
-    core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores).
+    (60-80 ms to read 128 FLAN-T5-XL captions from a text cache and 15-25 ms to draw a 1024 batch's noise, on
+    one core); elsewhere in line, since the thread only takes cores from the step (10-20% fewer img/s on 2 cores).
     Also in line when the preparation runs a frozen encoder on the GPU (host_only=False: no --text-cache or
     --latent-cache): it would share the GPU with the step anyway, and add its activations to the step's peak."""
     device = torch.device(device)
